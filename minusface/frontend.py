@@ -1,0 +1,74 @@
+"""The client-side front end: faces -> e -> (g, subtract) -> residue r -> shuffle -> d -> X_p.
+
+F(X) = d(s(e(X) - g(e(X)); theta)) with a fresh CSPRNG permutation theta per image.  Stage 1
+trains g and f on the unshuffled residue r; stage 2 and deployment only ever call `protect`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .dct import decode, decoded_to_signed, encode
+from .generator import UNetGenerator
+from .shuffle import shuffle_channels
+
+
+@dataclass
+class Stage1Output:
+    """What stage 1 needs from one forward pass (all of it stays on the client)."""
+    residue: torch.Tensor        # r = x - g(x), (N, 192, 112, 112): input of f
+    regenerated: torch.Tensor    # X' = 2 d(g(x)) - 1, (N, 3, 112, 112) in [-1, 1]: for L_gen
+    latent: torch.Tensor         # bottleneck of g (optional sparsity loss)
+
+
+class MinusFaceFrontend(nn.Module):
+    """Holds the generator g; the DCT encoder/decoder are fixed and parameter-free."""
+
+    def __init__(self, width: int = 64, generator: UNetGenerator | None = None) -> None:
+        super().__init__()
+        self.generator = generator if generator is not None else UNetGenerator(width=width)
+
+    def stage1(self, faces: torch.Tensor) -> Stage1Output:
+        """Residue path used while co-training g and f (gradients flow into g)."""
+        x = encode(faces)
+        regen, latent = self.generator.forward_with_latent(x)
+        return Stage1Output(residue=x - regen, regenerated=decoded_to_signed(decode(regen)),
+                            latent=latent)
+
+    def residue(self, faces: torch.Tensor) -> torch.Tensor:
+        x = encode(faces)
+        return x - self.generator(x)
+
+    def forward(self, faces: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        """X_p = d(s(r; theta)), differentiable w.r.t. nothing the server sees; see `protect`."""
+        return decode(shuffle_channels(self.residue(faces), generator=rng))
+
+    @torch.no_grad()
+    def protect(self, faces: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        """Protected images X_p (N, 3, 112, 112) in [0, 1] from faces in [-1, 1].
+
+        Each call draws new permutations, so protecting the same face twice gives different X_p.
+        `rng` is for tests and benchmarks only.
+        """
+        _check_faces(faces)
+        return self.forward(faces, rng=rng)
+
+
+def _check_faces(faces: torch.Tensor) -> None:
+    if faces.dim() != 4 or faces.shape[1:] != (3, 112, 112):
+        raise ValueError(f"protect: expected faces of shape (N, 3, 112, 112), got {tuple(faces.shape)}")
+    if not torch.isfinite(faces).all():
+        raise ValueError("protect: faces contain NaN or infinite values")
+    lo, hi = float(faces.min()), float(faces.max())
+    if lo < -1.0001 or hi > 1.0001:
+        raise ValueError(f"protect: faces must be in [-1, 1] (normalised with mean 0.5, std 0.5), "
+                         f"got values in [{lo:.3f}, {hi:.3f}]")
+
+
+def protect(faces: torch.Tensor, frontend: MinusFaceFrontend,
+            rng: torch.Generator | None = None) -> torch.Tensor:
+    """Functional form of `MinusFaceFrontend.protect`."""
+    return frontend.protect(faces, rng=rng)

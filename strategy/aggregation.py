@@ -1,0 +1,420 @@
+"""FedAvg for shared keys only, with per-reply validation and a choice of rules.
+
+MinusFed sends clients only the *shared* part of the model (the private ArcFace
+head never leaves the client) and, in stage 2, a frozen network they need but
+must not train. This strategy:
+
+* checks each train reply against the arrays sent that round (see
+  `validation.py`) and drops bad replies with a logged reason instead of letting
+  Flower raise `InconsistentMessageReplies` and end the run;
+* aggregates the remaining replies with one of Flower's own rules (FedAvg,
+  FedMedian, FedTrimmedAvg, Krum, MultiKrum) by delegating to an inner Flower
+  strategy, so the arithmetic is exactly Flower's;
+* adds read-only ArrayRecords (`frozen_arrays`) to every train message;
+* keeps per-node metrics in `round_log` for per-client reporting.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any, cast
+
+import numpy as np
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import NDArray
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+)
+
+from .validation import reference_to_numpy, validate_reply_content, validate_update
+
+RULES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
+
+MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
+
+
+def normalize_rule(rule: str) -> str:
+    """Accept `Trimmed_Mean` for `trimmed-mean`; reject unknown rules clearly."""
+    name = rule.strip().lower().replace("_", "-")
+    if name not in RULES:
+        raise ValueError(
+            f"Unknown aggregation rule {rule!r}; valid rules: {', '.join(RULES)}"
+        )
+    return name
+
+
+def _metrics_dict(msg: Message) -> dict[str, Any]:
+    """Plain copy of a reply's metrics (all MetricRecords merged) for logging."""
+    if msg.has_error():
+        return {}
+    merged: dict[str, Any] = {}
+    for record in msg.content.metric_records.values():
+        for key, value in record.items():
+            merged[key] = list(value) if isinstance(value, list) else value
+    return merged
+
+
+def _harmonize_metric_keys(replies: list[Message], phase: str) -> None:
+    """Drop metrics that cannot be averaged across all accepted replies.
+
+    Flower raises `InconsistentMessageReplies` (ending the run) when clients
+    report different metric keys, and fails on lists of unequal length. A metric
+    only some clients report is not worth losing their updates for, so it is
+    removed from the replies (Flower's FedMedian mutates replies too).
+    """
+    records = [next(iter(m.content.metric_records.values())) for m in replies]
+    shared = set.intersection(*(set(r.keys()) for r in records))
+    dropped = set().union(*(set(r.keys()) for r in records)) - shared
+    for key in shared:
+        kinds = {
+            len(value) if isinstance(value, list) else -1
+            for value in (rec[key] for rec in records)
+        }
+        if len(kinds) > 1:
+            dropped.add(key)
+    if not dropped:
+        return
+    log(
+        WARNING,
+        "aggregate_%s: metrics %s are not reported alike by all nodes; "
+        "left out of the aggregated metrics",
+        phase,
+        sorted(dropped),
+    )
+    for record in records:
+        for key in dropped & set(record.keys()):
+            del record[key]
+
+
+def _like_reference(
+    arrays: ArrayRecord, reference: Mapping[str, NDArray]
+) -> ArrayRecord:
+    """Give the aggregate the reference's key order and dtypes.
+
+    Flower's averaging turns integer buffers (e.g. `num_batches_tracked`) into
+    float64 and `np.median` may upcast; clients would then send back int64 for a
+    float64 reference and be rejected next round.
+    """
+    out = ArrayRecord()
+    for key, expected in reference.items():
+        value = arrays[key].numpy()
+        if value.dtype != expected.dtype:
+            if np.issubdtype(expected.dtype, np.integer):
+                value = np.rint(value)
+            value = value.astype(expected.dtype)
+        # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,)
+        out[key] = Array(np.asarray(value, order="C"))
+    return out
+
+
+# pylint: disable=too-many-instance-attributes
+class SharedKeyFedAvg(FedAvg):
+    """FedAvg with reply validation, robust aggregation rules and frozen arrays.
+
+    Parameters
+    ----------
+    fraction_train ... evaluate_metrics_aggr_fn
+        As for Flower's `FedAvg`; sampling and evaluation are FedAvg's.
+    rule : str (default: "fedavg")
+        One of `RULES`: "fedavg" (weighted by `weighted_by_key`), "median"
+        (coordinate-wise, Flower's FedMedian), "trimmed-mean" (Flower's
+        FedTrimmedAvg with `beta`), "krum" / "multi-krum" (Flower's Krum /
+        MultiKrum with `num_malicious_nodes`).
+    beta : float (default: 0.2)
+        Fraction trimmed from each tail for "trimmed-mean", in [0, 0.5).
+    num_malicious_nodes : int (default: 0)
+        Assumed number of Byzantine nodes f for "krum" / "multi-krum".
+    num_nodes_to_select : Optional[int] (default: None)
+        Updates averaged by "multi-krum"; None selects n - f of the n accepted.
+    max_update_norm : Optional[float] (default: None)
+        Reject replies whose L2 distance to the sent arrays exceeds this.
+    max_update_bytes : Optional[int] (default: None)
+        Reject replies whose ArrayRecord is larger than this, before decoding.
+    frozen_arrays : Optional[dict[str, ArrayRecord]] (default: None)
+        Read-only ArrayRecords added to every train message under their names.
+        Never aggregated and not expected back.
+    """
+
+    # pylint: disable=too-many-arguments,too-many-locals
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggrFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
+        *,
+        rule: str = "fedavg",
+        beta: float = 0.2,
+        num_malicious_nodes: int = 0,
+        num_nodes_to_select: int | None = None,
+        max_update_norm: float | None = None,
+        max_update_bytes: int | None = None,
+        frozen_arrays: Mapping[str, ArrayRecord] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        if num_malicious_nodes < 0:
+            raise ValueError("`num_malicious_nodes` must be >= 0.")
+        if num_nodes_to_select is not None and num_nodes_to_select < 1:
+            raise ValueError("`num_nodes_to_select` must be >= 1 or None.")
+        if max_update_norm is not None and not max_update_norm > 0:
+            raise ValueError("`max_update_norm` must be > 0 or None.")
+        self.rule = normalize_rule(rule)
+        self.beta = beta
+        self.num_malicious_nodes = num_malicious_nodes
+        self.num_nodes_to_select = num_nodes_to_select
+        self.max_update_norm = max_update_norm
+        self.max_update_bytes = max_update_bytes
+        self.frozen_arrays = dict(frozen_arrays or {})
+        self._inner = self._make_inner(train_metrics_aggr_fn, evaluate_metrics_aggr_fn)
+
+        # Global arrays sent in the current round, decoded once
+        self._reference: dict[str, NDArray] | None = None
+        self.rejected: list[dict[str, Any]] = []
+        self.round_log: list[dict[str, Any]] = []
+
+    @property
+    def frozen_arrays(self) -> dict[str, ArrayRecord]:
+        """Read-only ArrayRecords added to each train message (settable per stage)."""
+        return self._frozen_arrays
+
+    @frozen_arrays.setter
+    def frozen_arrays(self, value: Mapping[str, ArrayRecord]) -> None:
+        reserved = {self.arrayrecord_key, self.configrecord_key}
+        for name, record in value.items():
+            if name in reserved:
+                raise ValueError(f"frozen_arrays name {name!r} clashes with {reserved}")
+            if not isinstance(record, ArrayRecord):
+                raise TypeError(f"frozen_arrays[{name!r}] must be an ArrayRecord")
+        self._frozen_arrays = dict(value)
+
+    def _make_inner(
+        self,
+        train_metrics_aggr_fn: MetricsAggrFn | None,
+        evaluate_metrics_aggr_fn: MetricsAggrFn | None,
+    ) -> FedAvg:
+        """Build the Flower strategy whose `aggregate_train` does the arithmetic."""
+        common: dict[str, Any] = {
+            "weighted_by_key": self.weighted_by_key,
+            "arrayrecord_key": self.arrayrecord_key,
+            "configrecord_key": self.configrecord_key,
+            "train_metrics_aggr_fn": train_metrics_aggr_fn,
+            "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
+        }
+        if self.rule == "median":
+            return FedMedian(**common)
+        if self.rule == "trimmed-mean":
+            return FedTrimmedAvg(**common, beta=self.beta)
+        if self.rule == "krum":
+            return Krum(**common, num_malicious_nodes=self.num_malicious_nodes)
+        if self.rule == "multi-krum":
+            return MultiKrum(
+                **common,
+                num_malicious_nodes=self.num_malicious_nodes,
+                num_nodes_to_select=self.num_nodes_to_select or 1,
+            )
+        return FedAvg(**common)
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> SharedKeyFedAvg settings:")
+        log(INFO, "\t│\t├── Aggregation rule: %s", self.rule)
+        if self.rule == "trimmed-mean":
+            log(INFO, "\t│\t├── beta: %s", self.beta)
+        if self.rule in ("krum", "multi-krum"):
+            log(INFO, "\t│\t├── Malicious nodes: %d", self.num_malicious_nodes)
+        if self.rule == "multi-krum":
+            selected = self.num_nodes_to_select or "n - f"
+            log(INFO, "\t│\t├── Nodes to select: %s", selected)
+        log(INFO, "\t│\t├── Max update norm: %s", self.max_update_norm)
+        log(INFO, "\t│\t├── Max update bytes: %s", self.max_update_bytes)
+        log(INFO, "\t│\t└── Frozen ArrayRecords: %s", list(self.frozen_arrays))
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of training and remember what was sent."""
+        # A decoded copy: immune to later in-place changes of `arrays`
+        self._reference = reference_to_numpy(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            for name, record in self.frozen_arrays.items():
+                msg.content[name] = record
+        return messages
+
+    def _reject(
+        self, server_round: int, phase: str, node_id: int, problems: list[str]
+    ) -> None:
+        log(
+            WARNING,
+            "aggregate_%s: rejected reply from node %d: %s",
+            phase,
+            node_id,
+            "; ".join(problems),
+        )
+        self.rejected.append(
+            {
+                "round": server_round,
+                "phase": phase,
+                "node_id": node_id,
+                "problems": problems,
+            }
+        )
+
+    def _train_reply_problems(self, msg: Message) -> list[str]:
+        if msg.has_error():
+            return [f"error reply (code {msg.error.code}): {msg.error.reason}"]
+        problems = validate_reply_content(
+            msg.content,
+            weighted_by_key=self.weighted_by_key,
+            arrayrecord_key=self.arrayrecord_key,
+        )
+        if problems:
+            return problems
+        return validate_update(
+            cast(ArrayRecord, msg.content[self.arrayrecord_key]),
+            cast(dict[str, NDArray], self._reference),
+            self.max_update_norm,
+            max_bytes=self.max_update_bytes,
+        )
+
+    def _screen(
+        self,
+        server_round: int,
+        phase: str,
+        replies: Iterable[Message],
+        problems_of: Callable[[Message], list[str]],
+    ) -> list[Message]:
+        """Log every reply in `round_log`, reject bad ones, return the good ones."""
+        accepted: list[Message] = []
+        replies = list(replies)
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            problems = problems_of(msg)
+            self.round_log.append(
+                {
+                    "round": server_round,
+                    "phase": phase,
+                    "node_id": node_id,
+                    "metrics": _metrics_dict(msg),
+                    "accepted": not problems,
+                }
+            )
+            if problems:
+                self._reject(server_round, phase, node_id, problems)
+            else:
+                accepted.append(msg)
+        log(
+            INFO,
+            "aggregate_%s: accepted %d of %d replies",
+            phase,
+            len(accepted),
+            len(replies),
+        )
+        if accepted:
+            _harmonize_metric_keys(accepted, phase)
+        return accepted
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the valid replies; (None, None) keeps the previous arrays."""
+        if self._reference is None:
+            raise RuntimeError(
+                "aggregate_train called before configure_train: "
+                "no global arrays to validate replies against"
+            )
+        accepted = self._screen(
+            server_round, "train", replies, self._train_reply_problems
+        )
+        if not accepted:
+            log(
+                WARNING,
+                "aggregate_train: no valid replies in round %d; "
+                "the previous global arrays stand",
+                server_round,
+            )
+            return None, None
+
+        num_accepted = len(accepted)
+        if self.rule in ("krum", "multi-krum"):
+            if num_accepted <= 2 * self.num_malicious_nodes + 2:
+                log(
+                    WARNING,
+                    "aggregate_train: %s assumes n > 2f + 2; got n=%d, f=%d",
+                    self.rule,
+                    num_accepted,
+                    self.num_malicious_nodes,
+                )
+            if self.rule == "multi-krum":
+                cast(MultiKrum, self._inner).num_nodes_to_select = min(
+                    num_accepted,
+                    self.num_nodes_to_select
+                    or max(1, num_accepted - self.num_malicious_nodes),
+                )
+
+        arrays, metrics = self._inner.aggregate_train(server_round, accepted)
+        if arrays is not None:
+            arrays = _like_reference(arrays, self._reference)
+        return arrays, metrics
+
+    def _evaluate_reply_problems(self, msg: Message) -> list[str]:
+        if msg.has_error():
+            return [f"error reply (code {msg.error.code}): {msg.error.reason}"]
+        return validate_reply_content(
+            msg.content, weighted_by_key=self.weighted_by_key, arrayrecord_key=None
+        )
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> MetricRecord | None:
+        """Aggregate evaluation metrics of the valid replies; log every node."""
+        accepted = self._screen(
+            server_round, "evaluate", replies, self._evaluate_reply_problems
+        )
+        if not accepted:
+            return None
+        return super().aggregate_evaluate(server_round, accepted)
+
+
+def make_strategy(rule: str, **kwargs: Any) -> SharedKeyFedAvg:
+    """Build a `SharedKeyFedAvg` for `rule` (one of `RULES`).
+
+    Keyword arguments go to `SharedKeyFedAvg` (e.g. `fraction_train`, `beta`,
+    `num_malicious_nodes`, `max_update_norm`, `frozen_arrays`).
+    """
+    return SharedKeyFedAvg(rule=normalize_rule(rule), **kwargs)
