@@ -85,7 +85,7 @@ def embed(model_fn: Callable[[torch.Tensor], torch.Tensor], images: Batches,
                     x = x.to(device)
                 e = forward(x)
                 if flip:
-                    e = e + forward(x)
+                    e = e + forward(torch.flip(x, dims=(3,)))
                 chunks.append(F.normalize(e, dim=1).cpu())
     finally:
         for m, mode in zip(modules, modes):

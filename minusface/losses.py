@@ -18,6 +18,13 @@ ALPHA_GEN = 5.0
 BETA_FR = 1.0
 
 
+def _parts(logits: torch.Tensor, labels: torch.Tensor, **losses: torch.Tensor) -> dict[str, float]:
+    """Detached scalars for logging."""
+    out = {k: float(v.detach()) for k, v in losses.items()}
+    out["train_acc"] = float((logits.detach().argmax(1) == labels).float().mean())
+    return out
+
+
 def recognition_loss(recognizer: nn.Module, head: nn.Module, inputs: torch.Tensor,
                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Margin-softmax cross-entropy; returns (loss, logits)."""
@@ -33,8 +40,7 @@ def stage1_loss(frontend: MinusFaceFrontend, recognizer: nn.Module, head: nn.Mod
     gen = F.l1_loss(out.regenerated.float(), faces.float())
     fr, logits = recognition_loss(recognizer, head, out.residue, labels)
     loss = alpha * gen + beta * fr
-    return loss, {"loss": float(loss), "loss_gen": float(gen), "loss_fr": float(fr),
-                  "train_acc": float((logits.argmax(1) == labels).float().mean())}
+    return loss, _parts(loss=loss, loss_gen=gen, loss_fr=fr, logits=logits, labels=labels)
 
 
 def stage2_loss(frontend: MinusFaceFrontend, recognizer: nn.Module, head: nn.Module,
@@ -44,16 +50,14 @@ def stage2_loss(frontend: MinusFaceFrontend, recognizer: nn.Module, head: nn.Mod
     with torch.no_grad():
         protected = frontend(faces, rng=rng)
     fr, logits = recognition_loss(recognizer, head, protected, labels)
-    return fr, {"loss": float(fr), "loss_fr": float(fr),
-                "train_acc": float((logits.argmax(1) == labels).float().mean())}
+    return fr, _parts(loss=fr, loss_fr=fr, logits=logits, labels=labels)
 
 
 def baseline_loss(recognizer: nn.Module, head: nn.Module, faces: torch.Tensor,
                   labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """The unprotected ArcFace twin on raw faces."""
     fr, logits = recognition_loss(recognizer, head, faces, labels)
-    return fr, {"loss": float(fr), "loss_fr": float(fr),
-                "train_acc": float((logits.argmax(1) == labels).float().mean())}
+    return fr, _parts(loss=fr, loss_fr=fr, logits=logits, labels=labels)
 
 
 def freeze(module: nn.Module) -> nn.Module:
