@@ -1,0 +1,1 @@
+"""Deployment helpers for a real (non-simulated) Flower federation: TLS and SuperNode keys."""
