@@ -13,6 +13,7 @@ from torch import nn
 
 from .dct import decode, decoded_to_signed, encode
 from .generator import UNetGenerator
+from .provenance import register_protected
 from .shuffle import shuffle_channels
 
 
@@ -60,9 +61,12 @@ class MinusFaceFrontend(nn.Module):
         if micro_batch is None:
             micro_batch = 2 if faces.device.type == "cpu" else faces.shape[0]
         if faces.shape[0] <= micro_batch:
-            return self.forward(faces, rng=rng)
-        return torch.cat([self.forward(faces[s:s + micro_batch], rng=rng)
-                          for s in range(0, faces.shape[0], micro_batch)])
+            protected = self.forward(faces, rng=rng)
+        else:
+            protected = torch.cat([self.forward(faces[s:s + micro_batch], rng=rng)
+                                   for s in range(0, faces.shape[0], micro_batch)])
+        register_protected(protected)  # lets clients.guard.outbound_guard release exactly these
+        return protected
 
 
 def _check_faces(faces: torch.Tensor) -> None:

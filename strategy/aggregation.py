@@ -272,6 +272,16 @@ class SharedKeyFedAvg(FedAvg):
                 msg.content[name] = record
         return messages
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation needs the frozen arrays too (stage 2 protects with the frozen g)."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        for msg in messages:
+            for name, record in self.frozen_arrays.items():
+                msg.content[name] = record
+        return messages
+
     def _reject(
         self, server_round: int, phase: str, node_id: int, problems: list[str]
     ) -> None:

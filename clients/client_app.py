@@ -1,0 +1,81 @@
+"""Flower ClientApp of a site: thin translation between Flower records and `clients.local`.
+
+Every reply passes the outbound guard (only the shared weights received, numeric metrics and
+protect() outputs may leave).  The private margin head lives in `context.state` between rounds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.guard import outbound_guard
+from clients.local import local_evaluate, local_train, stage_models
+from clients.site import (SiteData, federation_identities, load_site, resolve_data_path,
+                          site_identities_from_folder)
+from federation.protocol import ARRAYS, CONFIG, FROZEN_GENERATOR, run_config
+from minusface.presets import get_preset
+from simulation.partition import partition_for_client
+
+app = ClientApp()
+
+
+def _site(context: Context) -> tuple[SiteData, str]:
+    """The site's data: its own folder (deployment) or its partition of LFW (simulation)."""
+    cfg = run_config(context.run_config)
+    node = context.node_config
+    preset = get_preset(str(cfg["preset"]))
+    out_dir = str(cfg["out-dir"])
+    cache_dir = Path(node.get("cache-dir", "") or (Path(out_dir) / "cache" if out_dir else
+                                                   Path(os.environ.get("TMPDIR", "/tmp")) / "minusfed-cache"))
+    if "data-path" in node:                          # a real site: its own folder
+        root = resolve_data_path(str(node["data-path"]))
+        ids = site_identities_from_folder(root, preset)
+        tag = f"site-{node.get('partition-id', context.node_id)}"
+    else:
+        pid, n = int(node["partition-id"]), int(node["num-partitions"])
+        root = resolve_data_path(str(cfg["data-path"]))
+        all_ids = federation_identities(root, int(cfg["eval-fold"]), preset, int(cfg["max-identities"]))
+        names = partition_for_client({k: len(v) for k, v in all_ids.items()}, n, pid,
+                                     scheme=str(cfg["partition-scheme"]), seed=int(cfg["partition-seed"]))
+        ids = {k: all_ids[k] for k in names}
+        tag = f"lfw-fold{cfg['eval-fold']}-part{pid}of{n}"
+    return load_site(ids, cache_dir, tag), tag
+
+
+def _models(msg: Message, context: Context, site: SiteData):
+    cfg = run_config(context.run_config)
+    conf = msg.content[CONFIG]
+    stage = str(conf["stage"])
+    preset = get_preset(str(cfg["preset"]))
+    head_key = f"head-{stage}"
+    head = context.state[head_key].to_torch_state_dict() if head_key in context.state else None
+    frozen = (msg.content[FROZEN_GENERATOR].to_torch_state_dict()
+              if FROZEN_GENERATOR in msg.content else None)
+    shared = msg.content[ARRAYS].to_torch_state_dict()
+    seed = int(cfg["seed"]) * 7919 + int(context.node_config.get("partition-id", 0))
+    return stage, preset, stage_models(stage, preset, site.num_classes, shared, frozen, head, seed), seed
+
+
+@app.train(mods=[outbound_guard])
+def train(msg: Message, context: Context) -> Message:
+    site, _ = _site(context)
+    stage, preset, models, seed = _models(msg, context, site)
+    conf = msg.content[CONFIG]
+    shared, head, metrics = local_train(
+        models, stage, site, preset, lr=float(conf["lr"]), epochs=int(conf["local-epochs"]),
+        seed=seed + 100 * int(conf.get("server-round", 0)))
+    context.state[f"head-{stage}"] = ArrayRecord(head)        # private: stays on the site
+    return Message(RecordDict({ARRAYS: ArrayRecord(shared), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+@app.evaluate(mods=[outbound_guard])
+def evaluate(msg: Message, context: Context) -> Message:
+    site, _ = _site(context)
+    _, _, models, _ = _models(msg, context, site)
+    metrics = local_evaluate(models, site)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,114 @@
+"""A site's own faces: which identities it holds, its training array and its held-out pairs.
+
+Simulation: the identities of the LFW View 2 training split (every identity not in the
+server's evaluation fold) are partitioned across `num-partitions` virtual sites by
+`simulation.partition`; site `partition-id` takes its share.  Deployment: a node's
+`data-path` in its node config is a folder-per-identity tree that belongs to that site alone.
+
+Held-out pairs for federated evaluation: the last image (by name) of every identity with at
+least 3 images is never trained on; it forms one same pair (with the identity's first image)
+and one different pair (with the next identity's first image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clients.data import FaceDataset, load_faces, scan_identity_folders, view2_fold_split
+from minusface.presets import Preset
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw_112_centercrop"
+
+
+def resolve_data_path(configured: str) -> Path:
+    """data-path from config, else $MINUSFED_DATA, else ../shared/data/lfw_112_centercrop."""
+    raw = configured or os.environ.get("MINUSFED_DATA", "")
+    path = Path(raw).expanduser() if raw else DEFAULT_DATA
+    if not path.is_dir():
+        raise FileNotFoundError(f"data-path {str(path)!r} is not a folder (set run config "
+                                f"'data-path' or MINUSFED_DATA to the face folder)")
+    return path.resolve()
+
+
+def federation_identities(lfw_root: Path, eval_fold: int, preset: Preset,
+                          max_identities: int = 0) -> dict[str, list[str]]:
+    """Training identities of the whole federation: disjoint from the server's eval fold."""
+    ids, _ = view2_fold_split(lfw_root, eval_fold, preset.min_images_per_identity)
+    if preset.max_images_per_identity:
+        ids = {n: sorted(p)[:preset.max_images_per_identity] for n, p in ids.items()}
+    if max_identities:
+        # the identities with most images first, then by name: deterministic and trainable
+        keep = sorted(ids, key=lambda n: (-len(ids[n]), n))[:max_identities]
+        ids = {n: ids[n] for n in sorted(keep)}
+    return ids
+
+
+@dataclass
+class SiteData:
+    train: FaceDataset                 # images never in `eval_*`
+    eval_faces: np.ndarray             # uint8 (M, 112, 112, 3) held-out + anchor images
+    eval_a: np.ndarray                 # pair index arrays into eval_faces
+    eval_b: np.ndarray
+    eval_same: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+
+def split_held_out(identities: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[tuple[str, str, bool]]]:
+    names = sorted(identities)
+    train = {n: sorted(identities[n]) for n in names}
+    held = [n for n in names if len(train[n]) >= 3]
+    pairs: list[tuple[str, str, bool]] = []
+    for k, n in enumerate(held):
+        probe = train[n].pop()                          # never trained on
+        pairs.append((probe, train[n][0], True))
+        other = held[(k + 1) % len(held)]
+        if other != n:
+            pairs.append((probe, sorted(identities[other])[0], False))
+    return train, pairs
+
+
+def _cache_file(cache_dir: Path, tag: str, paths: list[str]) -> Path:
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    return cache_dir / f"{tag}-{digest}.npz"
+
+
+def load_site(identities: dict[str, list[str]], cache_dir: Path | None, tag: str) -> SiteData:
+    if not identities:
+        raise ValueError(f"site {tag}: no identities with usable images")
+    train_ids, pairs = split_held_out(identities)
+    all_paths = sorted(p for ps in train_ids.values() for p in ps)
+    cache = _cache_file(cache_dir, tag, all_paths) if cache_dir else None
+    train = load_faces(train_ids, cache=cache, train=True, progress=False)
+    eval_paths = sorted({p for a, b, _ in pairs for p in (a, b)})
+    where = {p: i for i, p in enumerate(eval_paths)}
+    if eval_paths:
+        ev = FaceDataset([(p, 0) for p in eval_paths], skip_errors=True, progress=False)
+        ok = set(os.path.join(ev.root, p) for p in ev.paths)
+        pairs = [t for t in pairs if t[0] in ok and t[1] in ok]
+        eval_paths = sorted({p for a, b, _ in pairs for p in (a, b)})
+        where = {p: i for i, p in enumerate(eval_paths)}
+        lookup = {os.path.join(ev.root, p): i for i, p in enumerate(ev.paths)}
+        faces = ev.images[[lookup[p] for p in eval_paths]] if eval_paths else np.zeros((0, 112, 112, 3), np.uint8)
+    else:
+        faces = np.zeros((0, 112, 112, 3), np.uint8)
+    a = np.array([where[x] for x, _, _ in pairs], dtype=np.int64)
+    b = np.array([where[y] for _, y, _ in pairs], dtype=np.int64)
+    same = np.array([s for _, _, s in pairs], dtype=bool)
+    return SiteData(train=train, eval_faces=faces, eval_a=a, eval_b=b, eval_same=same)
+
+
+def site_identities_from_folder(root: Path, preset: Preset) -> dict[str, list[str]]:
+    """Deployment: every identity folder under a site's own data-path."""
+    found = scan_identity_folders(root, min_images_per_identity=preset.min_images_per_identity)
+    if not found:
+        raise ValueError(f"{root}: no identity folders with at least "
+                         f"{preset.min_images_per_identity} images")
+    return {n: ps for n, ps in found}

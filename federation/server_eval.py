@@ -1,0 +1,52 @@
+"""Server-side evaluation of the global model on a public benchmark no client holds.
+
+The LFW View 2 fold `eval-fold` is excluded from every site's identities, so its pairs are a
+held-out public benchmark.  In stage 1 the global f is scored on residues from the global g; in
+stage 2 every image (and separately its flip) is protected with the global g exactly as a client
+would, then embedded by the global f_p.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clients.data import FaceDataset, pair_index, read_pairs
+from federation.protocol import STAGE1, load_shared, unflatten
+from minusface.generator import UNetGenerator
+from minusface.presets import Preset
+from minusface.trainer import build_models, evaluate_verification
+
+
+class ServerEvaluator:
+    def __init__(self, lfw_root: Path, fold: int, max_pairs: int = 0) -> None:
+        pairs = [p for p in read_pairs(Path(lfw_root) / "pairs.txt") if p.fold == fold]
+        if not pairs:
+            raise ValueError(f"eval-fold {fold}: no pairs in {lfw_root}/pairs.txt")
+        if max_pairs and max_pairs < len(pairs):
+            same = [p for p in pairs if p.same][: max_pairs // 2]
+            diff = [p for p in pairs if not p.same][: max_pairs - len(same)]
+            pairs = same + diff
+        paths, self.idx_a, self.idx_b = pair_index(pairs)
+        self.same = np.array([p.same for p in pairs])
+        self.folds = np.arange(len(pairs)) % 10
+        ds = FaceDataset([(p, 0) for p in paths], skip_errors=False, progress=False)
+        self.faces = torch.cat(list(ds.batches(256)))
+        self.num_pairs = len(pairs)
+
+    def __call__(self, stage: str, preset: Preset, shared: dict[str, torch.Tensor],
+                 frozen_generator: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        gstate = unflatten(shared if stage == STAGE1 else frozen_generator, "generator")
+        generator = UNetGenerator(width=int(gstate["enc1.0.weight"].shape[0]))
+        generator.load_state_dict(gstate)
+        recipe = "stage1" if stage == STAGE1 else "stage2"
+        models = build_models(recipe, preset, num_classes=2, generator=generator)
+        load_shared({"recognizer": models.recognizer}, shared)
+        m = evaluate_verification(models, self.faces, self.idx_a, self.idx_b, self.same,
+                                  folds=self.folds, device=torch.device("cpu"))
+        return {"server_accuracy": m["accuracy"], "server_accuracy_std": m["accuracy_std"],
+                "server_auc": m["auc"], "server_tar_at_far_1e-2": m["tar_at_far"][0.01]["tar"],
+                "server_tar_at_far_1e-3": m["tar_at_far"][0.001]["tar"],
+                "server_eval_pairs": self.num_pairs}

@@ -1,0 +1,84 @@
+"""Provenance of protected images: a bounded registry of digests of `protect()` outputs.
+
+Why: the outbound guard (`clients.guard`) lets an image leave a site only if it provably came out
+of `MinusFaceFrontend.protect`.  A shape check cannot tell a protected image X_p from a raw face
+in [0, 1]; a digest of the exact float32 bytes `protect()` returned can.
+
+The digests are not secrets: BLAKE2b is one-way, so a digest reveals nothing about the image.  The
+registry lives only in the client process (never sent, never persisted) and is an LRU capped at
+`MAX_ENTRIES`, so memory stays bounded (~30 MB when full).  It guards against bugs (a handler
+returning the wrong tensor), not against malicious code in the same process, which could register
+anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+MAX_ENTRIES = 200_000
+SAMPLE_SHAPE = (3, 112, 112)
+
+_lock = threading.Lock()
+_registry: OrderedDict[bytes, None] = OrderedDict()
+
+
+def _digest(sample: np.ndarray) -> bytes:
+    """BLAKE2b-128 of one sample's float32 C-contiguous bytes (dtype cast so round trips match)."""
+    data = np.ascontiguousarray(sample, dtype=np.float32)
+    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).digest()
+
+
+def register_protected(batch: torch.Tensor) -> None:
+    """Record each sample of a `protect()` output (N, 3, 112, 112) as allowed to leave the site."""
+    if batch.dim() != 4 or tuple(batch.shape[1:]) != SAMPLE_SHAPE:
+        raise ValueError(f"register_protected: expected (N, 3, 112, 112), got {tuple(batch.shape)}")
+    arr = batch.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    digests = [_digest(sample) for sample in arr]  # hash outside the lock
+    with _lock:
+        for d in digests:
+            _registry[d] = None
+            _registry.move_to_end(d)
+        while len(_registry) > MAX_ENTRIES:
+            _registry.popitem(last=False)
+
+
+def is_protected(array: np.ndarray) -> bool:
+    """True if one sample (3, 112, 112) is bit-identical (as float32) to a registered X_p."""
+    array = np.asarray(array)
+    if array.shape != SAMPLE_SHAPE:
+        return False
+    return _lookup([_digest(array)])
+
+
+def all_protected(batch_array: np.ndarray) -> bool:
+    """True if every sample of a (N, 3, 112, 112) batch is a registered X_p."""
+    batch_array = np.asarray(batch_array)
+    if batch_array.ndim != 4 or batch_array.shape[1:] != SAMPLE_SHAPE:
+        return False
+    return _lookup([_digest(sample) for sample in batch_array])
+
+
+def _lookup(digests: list[bytes]) -> bool:
+    """All digests known?  Hits are refreshed (LRU), so X_p about to be sent is not evicted."""
+    with _lock:
+        if not all(d in _registry for d in digests):
+            return False
+        for d in digests:
+            _registry.move_to_end(d)
+        return True
+
+
+def registry_size() -> int:
+    with _lock:
+        return len(_registry)
+
+
+def clear_registry() -> None:
+    """Forget every digest (tests)."""
+    with _lock:
+        _registry.clear()

@@ -1,0 +1,141 @@
+"""Federated MinusFace: ClientApp handlers called directly, a whole in-process federation
+(both stages, checkpoints, resume, a rejected update), and one real `flwr run` (slow)."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message import make_message  # noqa: F401 - documented alternative
+from flwr.supercore.task_identity import TaskIdentity
+
+from federation.protocol import FROZEN_GENERATOR, STAGE1, STAGE2, unflatten
+from federation.server_app import initial_arrays
+from minusface.presets import get_preset
+
+
+def tiny_config(lfw_root, out_dir, **over) -> dict:
+    cfg = {"preset": "tiny", "stage1-rounds": 1, "stage2-rounds": 1, "local-epochs": 1,
+           "fraction-train": 1.0, "data-path": str(lfw_root), "out-dir": str(out_dir),
+           "min-nodes": 2, "max-identities": 12, "server-eval-pairs": 20}
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _message(content: RecordDict, kind: str = "train", node: int = 7) -> Message:
+    return Message(content, node, kind, group_id="1")
+
+
+def _context(cfg: dict, pid: int = 0, n: int = 2) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": n},
+                   state=RecordDict(), run_config=cfg)
+
+
+def test_client_train_stage1_then_stage2_returns_only_shared_keys(lfw_root, tmp_path):
+    from clients.client_app import app
+    cfg = tiny_config(lfw_root, tmp_path)
+    preset = get_preset("tiny")
+    ctx = _context(cfg)
+    sent1 = initial_arrays(STAGE1, preset, 0)
+    reply = app(_message(RecordDict({"arrays": ArrayRecord(sent1), "config": ConfigRecord(
+        {"stage": STAGE1, "lr": 0.01, "local-epochs": 1, "server-round": 1})})), ctx)
+    assert not reply.has_error()
+    back = reply.content["arrays"].to_torch_state_dict()
+    assert set(back) == set(sent1)
+    assert any(not torch.equal(back[k], sent1[k]) for k in sent1 if k.startswith("generator."))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    assert "head-stage1" in ctx.state                   # the private head stays on the site
+    head = ctx.state["head-stage1"].to_torch_state_dict()["weight"]
+    assert all(head.shape != v.shape for v in back.values() if v.dim() == 2)
+
+    frozen = {f"generator.{k}": v for k, v in unflatten(back, "generator").items()}
+    sent2 = initial_arrays(STAGE2, preset, 1)
+    reply2 = app(_message(RecordDict({
+        "arrays": ArrayRecord(sent2), FROZEN_GENERATOR: ArrayRecord(frozen),
+        "config": ConfigRecord({"stage": STAGE2, "lr": 0.01, "local-epochs": 1, "server-round": 2})})), ctx)
+    back2 = reply2.content["arrays"].to_torch_state_dict()
+    assert set(back2) == set(sent2) and set(reply2.content.keys()) == {"arrays", "metrics"}
+    assert "head-stage2" in ctx.state
+
+    ev = app(_message(RecordDict({"arrays": ArrayRecord(back2), FROZEN_GENERATOR: ArrayRecord(frozen),
+                                  "config": ConfigRecord({"stage": STAGE2, "server-round": 2})}),
+                      kind="evaluate"), ctx)
+    m = ev.content["metrics"]
+    assert set(ev.content.keys()) == {"metrics"} and m["num-examples"] > 0
+    assert 0.0 <= m["accuracy"] <= 1.0
+
+
+def test_inprocess_federation_checkpoints_resumes_and_rejects_bad_updates(lfw_root, tmp_path):
+    from simulation.inprocess import run_inprocess
+    out = tmp_path / "run"
+    cfg = tiny_config(lfw_root, out)
+    grid = run_inprocess(cfg, 2)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in lines if "client" not in r]
+    assert [(r["round"], r["stage"]) for r in rounds] == [(1, STAGE1), (2, STAGE2)]
+    assert all(0.0 <= r["metrics"]["server_accuracy"] <= 1.0 for r in rounds)
+    assert (out / "final" / "generator.pt").exists() and (out / "report.md").exists()
+    sent = [b for b in grid.bytes_sent if b["type"] == "train"]
+    expected = {STAGE1: sum(v.numel() * v.element_size() for v in initial_arrays(STAGE1, get_preset("tiny"), 0).values())}
+    assert sent[0]["array_bytes"] == expected[STAGE1]  # exactly the shared weights, no head
+
+    # resume: one more stage-2 round continues after round 2 instead of starting over
+    ck_before = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck_before["round"] == 2
+    cfg2 = dict(cfg, **{"stage2-rounds": 2})
+    run_inprocess(cfg2, 2)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines if "client" not in r] == [1, 2, 3]
+
+
+def test_a_nan_update_is_rejected_and_the_round_goes_on(lfw_root, tmp_path, monkeypatch):
+    import simulation.inprocess as ip
+    original = ip.InProcessGrid.send_and_receive
+
+    def corrupt(self, messages, *, timeout=None):
+        replies = list(original(self, messages, timeout=timeout))
+        for r in replies:
+            if r.metadata.src_node_id == self.node_ids[0] and "arrays" in r.content:
+                arrays = r.content["arrays"].to_torch_state_dict()
+                key = next(iter(arrays))
+                arrays[key] = torch.full_like(arrays[key], float("nan"))
+                r.content["arrays"] = ArrayRecord(arrays)
+        return replies
+
+    monkeypatch.setattr(ip.InProcessGrid, "send_and_receive", corrupt)
+    out = tmp_path / "run"
+    ip.run_inprocess(tiny_config(lfw_root, out, **{"stage2-rounds": 0}), 2)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rejected = [r for r in lines if "client" in r and r["client"].get("rejected")]
+    assert rejected and any("finite" in " ".join(r["client"]["problems"]).lower() or
+                            "nan" in " ".join(r["client"]["problems"]).lower() for r in rejected)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in ck["arrays"].values())
+
+
+@pytest.mark.slow
+def test_flwr_run_end_to_end_four_virtual_clients(lfw_root, tmp_path):
+    from simulation.launch import run_simulation
+    out = tmp_path / "flwr-out"
+    t0 = time.time()
+    result = run_simulation(tiny_config(lfw_root, out, **{"min-nodes": 4, "max-identities": 16}),
+                            num_supernodes=4, num_cpus=1, timeout=900)
+    print(f"\nflwr run: {result.status} in {time.time() - t0:.1f} s")
+    assert result.completed, result.details + result.log[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines if "client" not in r] == [1, 2]
+    nodes = {r["client"]["node_id"] for r in lines if "client" in r}
+    assert len(nodes) == 4
+    assert (out / "checkpoint.pt").exists() and (out / "final" / "generator.pt").exists()
