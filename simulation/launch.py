@@ -73,7 +73,9 @@ def flwr_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[st
     env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1",
+                # the SuperLink spawns flower-superexec by name: the venv's bin must be on PATH
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
     env.update(extra or {})
     return env
 
