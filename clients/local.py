@@ -15,6 +15,7 @@ import torch
 
 from federation.protocol import SHARED_MODULES, STAGE1, STAGE2, flatten, load_shared, unflatten
 from minusface.generator import UNetGenerator
+from minusface.images import to_signed
 from minusface.presets import Preset
 from minusface.runtime import tune_allocator
 from minusface.trainer import (Models, build_models, default_device, evaluate_verification,
@@ -84,7 +85,6 @@ def local_evaluate(models: Models, site: SiteData, device: torch.device | None =
     n = len(site.eval_same)
     if n < 2 or site.eval_same.all() or not site.eval_same.any():
         return {"num-examples": 0, "eval_pairs": n}
-    from clients.data import to_signed
     device = device or default_device()
     models.to(device)
     faces = to_signed(site.eval_faces)

@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize faces that are not 112x112 (bicubic) instead of skipping them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_protect)
+
+    # Subcommands that live with their packages; their heavy imports happen when they run.
+    from federation.deploy.cli import add_parser as add_deploy
+    from privacy.cli import add_parser as add_privacy
+    add_privacy(sub)
+    add_deploy(sub)
     return parser
 
 

@@ -21,6 +21,8 @@ class Preset:
     backbone_width: int | None    # IR base width (64 = paper); None for MobileFaceNet
     generator_width: int          # U-Net w (64 = paper)
     head: str = "arcface"
+    head_s: float = 64.0          # margin-head scale (paper: 64)
+    head_m: float = 0.5           # margin (paper: ArcFace 0.5)
     batch_size: int = 64
     lr: float = 0.01
     weight_decay: float = 1e-4

@@ -33,6 +33,7 @@ from .backbones import build_backbone
 from .frontend import MinusFaceFrontend
 from .generator import UNetGenerator
 from .heads import build_head
+from .images import to_signed
 from .losses import baseline_loss, freeze, stage1_loss, stage2_loss
 from .optim import build_optimizer
 from .presets import Preset
@@ -106,7 +107,7 @@ def build_models(recipe: str, preset: Preset, num_classes: int,
     check_recipe(recipe)
     in_channels = 192 if recipe == "stage1" else 3
     recognizer = build_backbone(preset.backbone, in_channels, width=preset.backbone_width)
-    head = build_head(preset.head, 512, num_classes)
+    head = build_head(preset.head, 512, num_classes, s=preset.head_s, m=preset.head_m)
     frontend = None
     if recipe == "stage1":
         frontend = MinusFaceFrontend(generator=generator or UNetGenerator(width=preset.generator_width))
@@ -142,8 +143,6 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rep
     """Shuffled, flipped float batches in [-1, 1] straight from the uint8 array (no per-item
     Python), in an order fixed by `seed` so a resumed epoch sees the same batches.  The last
     incomplete batch is dropped (BatchNorm, and the step count stays fixed)."""
-    from clients.data import to_signed  # local: keeps the core free of the data module
-
     rng = np.random.default_rng(seed)
     n = len(labels)
     order = rng.permutation(n * repeat) % n

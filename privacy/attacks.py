@@ -1,0 +1,248 @@
+"""Attacks on MinusFace protected images, and the views of the ablation baselines.
+
+Attacker (spec sections 12 and 14): a white-box eavesdropper on the client -> server link.  It
+knows the method and the client's generator g (minusfed ships g to every client), can run the
+pipeline on its own faces, but never sees the per-image permutations theta, r or the client's
+faces.  It trains only on AUXILIARY faces whose identities are disjoint from the evaluated
+client's.
+
+* Pixel recovery (attacks 1/2): a 3 -> 3 U-Net inverter, L1 between inverter(view) and the face,
+  Adam lr 1e-3 (the paper's attacker), trained on (view, face) pairs the attacker makes itself.
+* Linkage (attack 3, FaceLinkGen-style): a recognizer "student" trained with a cosine loss to map
+  X_p to the judge's embedding of the original face.
+* Fixed permutation (attack 4): an inverter trained on views made with ONE known theta, then
+  tested on that theta and on fresh CSPRNG permutations.
+* Gradient inversion (attack 5): not implemented.
+
+Faces are float tensors (N, 3, 112, 112) in [-1, 1] (the model convention) or uint8 NHWC arrays;
+views and recovered images are in [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from minusface.backbones import build_backbone
+from minusface.dct import CHANNELS, decode, encode
+from minusface.frontend import MinusFaceFrontend
+from minusface.generator import UNetGenerator
+from minusface.images import to_signed
+from minusface.shuffle import shuffle_channels
+
+VIEW_KINDS = ("minusface", "none", "no-shuffle", "no-subtraction", "fixed-permutation")
+ViewsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def as_faces(faces: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 NHWC array or float tensor in [-1, 1] -> float32 tensor (N, 3, 112, 112) in [-1, 1]."""
+    if isinstance(faces, np.ndarray):
+        return to_signed(faces)
+    if faces.dim() != 4 or faces.shape[1] != 3:
+        raise ValueError(f"expected faces (N, 3, H, W), got {tuple(faces.shape)}")
+    return faces.float()
+
+
+def to_unit(faces: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1]."""
+    return (faces * 0.5 + 0.5).clamp(0.0, 1.0)
+
+
+def random_permutation(channels: int = CHANNELS, seed: int | None = None) -> torch.Tensor:
+    """A permutation of the DCT channels: seeded (attack 4's known theta) or from the CSPRNG."""
+    if seed is None:
+        from minusface.shuffle import _csprng_permutations
+        return _csprng_permutations(1, channels)[0]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(channels, generator=g)
+
+
+# --------------------------------------------------------------------------- views
+
+def _check_permutation(permutation: torch.Tensor | None) -> torch.Tensor:
+    if permutation is None:
+        raise ValueError("make_views(kind='fixed-permutation') needs a permutation tensor")
+    perm = torch.as_tensor(permutation, dtype=torch.long).flatten()
+    if perm.numel() != CHANNELS or not torch.equal(perm.sort().values, torch.arange(CHANNELS)):
+        raise ValueError(f"permutation must be a permutation of 0..{CHANNELS - 1}")
+    return perm
+
+
+@torch.no_grad()
+def _views_chunk(frontend: MinusFaceFrontend | None, x: torch.Tensor, kind: str,
+                 perm: torch.Tensor | None) -> torch.Tensor:
+    if kind == "none":
+        return to_unit(x)
+    if kind == "no-subtraction":
+        return decode(shuffle_channels(encode(x)))
+    return views_from_residue(frontend.residue(x), kind, perm)
+
+
+@torch.no_grad()
+def views_from_residue(r: torch.Tensor, kind: str, permutation: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Views that depend on the residue r = e(X) - g(e(X)) only (to reuse one r for several)."""
+    if kind == "no-shuffle":
+        return decode(r)
+    if kind == "fixed-permutation":
+        return decode(r.index_select(1, _check_permutation(permutation).to(r.device)))
+    if kind != "minusface":
+        raise ValueError(f"view kind {kind!r} is not made from the residue")
+    # "minusface": exactly MinusFaceFrontend.forward == what protect() computes (fresh CSPRNG
+    # theta per image), minus the provenance registration: these views never leave the process.
+    return decode(shuffle_channels(r))
+
+
+def make_views(frontend: MinusFaceFrontend | None, faces: torch.Tensor | np.ndarray, kind: str,
+               permutation: torch.Tensor | None = None, micro_batch: int = 8) -> torch.Tensor:
+    """The image the attacker sees for each baseline, (N, 3, 112, 112) in [0, 1].
+
+    minusface          X_p = d(s(e(X) - g(e(X)); theta)), fresh CSPRNG theta per image and call
+    none               no protection: the face itself mapped to [0, 1]
+    no-shuffle         subtraction without shuffling: d(r)
+    no-subtraction     shuffling without subtraction: d(s(e(X); theta))
+    fixed-permutation  X_p made with the one given `permutation` (192 channel indices) for all
+    """
+    if kind not in VIEW_KINDS:
+        raise ValueError(f"unknown view kind {kind!r}; valid: {', '.join(VIEW_KINDS)}")
+    perm = _check_permutation(permutation) if kind == "fixed-permutation" else None
+    if frontend is None and kind in ("minusface", "no-shuffle", "fixed-permutation"):
+        raise ValueError(f"make_views(kind={kind!r}) needs the frontend (generator g)")
+    x = as_faces(faces)
+    if frontend is not None:
+        x = x.to(next(frontend.generator.parameters()).device)
+        frontend.eval()
+    out = [_views_chunk(frontend, x[s:s + micro_batch], kind, perm)
+           for s in range(0, x.shape[0], micro_batch)]
+    return torch.cat(out).float() if out else x.new_zeros((0, 3, 112, 112))
+
+
+def views_fn(frontend: MinusFaceFrontend | None, kind: str,
+             permutation: torch.Tensor | None = None) -> ViewsFn:
+    """`make_views` bound to a frontend and kind: faces in [-1, 1] -> views in [0, 1]."""
+    return functools.partial(make_views, frontend, kind=kind, permutation=permutation)
+
+
+# --------------------------------------------------------------------------- pixel inverter
+
+class Inverter(nn.Module):
+    """3 -> 3 U-Net (the generator's architecture with 3 channels) with a sigmoid output."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.width = width
+        self.unet = UNetGenerator(channels=3, width=width)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.unet(views * 2.0 - 1.0))
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    order = rng.permutation(n)
+    bs = max(1, min(batch_size, n))
+    return [order[s:s + bs] for s in range(0, n - bs + 1, bs)]
+
+
+def train_inverter(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray, epochs: int,
+                   batch_size: int, lr: float = 1e-3, width: int = 16, seed: int = 0,
+                   fresh_views: bool = True, progress: bool = True,
+                   desc: str = "inverter") -> Inverter:
+    """Train a U-Net inverter view -> face (in [0, 1]) with L1 and Adam(lr) on auxiliary faces.
+
+    ``views`` maps faces in [-1, 1] to attacker-visible images (see `views_fn`).  With
+    ``fresh_views`` the views of each batch are made anew every epoch (new permutations each time,
+    as an attacker querying the pipeline would get); otherwise they are made once up front.
+    Returns the model in eval mode.
+    """
+    faces = as_faces(aux_faces)
+    targets = to_unit(faces)
+    torch.manual_seed(seed)
+    model = Inverter(width)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    fixed = None if fresh_views else views(faces)
+    rng = np.random.default_rng(seed)
+    steps = [_batches(len(faces), batch_size, rng) for _ in range(epochs)]
+    bar = tqdm(total=sum(len(s) for s in steps), desc=desc, unit="step", disable=not progress,
+               leave=False)
+    model.train()
+    for epoch_batches in steps:
+        for idx in epoch_batches:
+            idx_t = torch.from_numpy(idx)
+            v = views(faces[idx_t]) if fixed is None else fixed[idx_t]
+            loss = F.l1_loss(model(v), targets[idx_t])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(l1=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def recover(inverter: nn.Module, views: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The inverter's faces (N, 3, 112, 112) in [0, 1] for attacker views in [0, 1]."""
+    inverter.eval()
+    out = [inverter(views[s:s + batch_size]) for s in range(0, views.shape[0], batch_size)]
+    return torch.cat(out) if out else views.new_zeros(views.shape)
+
+
+# --------------------------------------------------------------------------- linkage student
+
+def judge_embed_fn(judge: nn.Module, flip: bool = True, batch_size: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Embedding function of a recognizer trained on faces in [-1, 1], taking images in [0, 1]."""
+    from minusface.eval import embed
+
+    def fn(images01: torch.Tensor) -> torch.Tensor:
+        return embed(judge, images01 * 2.0 - 1.0, flip=flip, batch_size=batch_size)
+    return fn
+
+
+def train_linkage_student(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray,
+                          judge_embed: Callable[[torch.Tensor], torch.Tensor], epochs: int,
+                          batch_size: int, lr: float = 1e-3, backbone: str = "ir18",
+                          width: int | None = 16, seed: int = 0, fresh_views: bool = True,
+                          progress: bool = True) -> nn.Module:
+    """FaceLinkGen-style student: recognizer on X_p trained to output the judge's embedding of
+    the original face (loss 1 - cos), Adam(lr), on auxiliary faces.  Returns it in eval mode."""
+    faces = as_faces(aux_faces)
+    targets = F.normalize(judge_embed(to_unit(faces)).float(), dim=1)
+    torch.manual_seed(seed)
+    student = build_backbone(backbone, in_channels=3, width=width,
+                             embedding_size=targets.shape[1])
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    fixed = None if fresh_views else views(faces)
+    rng = np.random.default_rng(seed)
+    bs = max(2, batch_size)                       # BatchNorm needs two samples
+    steps = [_batches(len(faces), bs, rng) for _ in range(epochs)]
+    bar = tqdm(total=sum(len(s) for s in steps), desc="linkage student", unit="step",
+               disable=not progress, leave=False)
+    student.train()
+    for epoch_batches in steps:
+        for idx in epoch_batches:
+            if len(idx) < 2:
+                continue
+            idx_t = torch.from_numpy(idx)
+            v = views(faces[idx_t]) if fixed is None else fixed[idx_t]
+            out = student(v * 2.0 - 1.0)
+            loss = (1.0 - F.cosine_similarity(out, targets[idx_t], dim=1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(cos_loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    return student.eval()
+
+
+def student_embed_fn(student: nn.Module, flip: bool = False,
+                     batch_size: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Embeddings of the linkage student for views in [0, 1].  No flip TTA by default: a flipped
+    X_p is not the X_p of the flipped face."""
+    return judge_embed_fn(student, flip=flip, batch_size=batch_size)

@@ -1,0 +1,205 @@
+"""`minusfed privacy-eval`: run the privacy attacks and write a report.
+
+  minusfed privacy-eval --weights GEN.pt --data LFW_ROOT --client-identities N \
+      --aux-identities M --out DIR --preset tiny|cpu-small|paper [--judge CKPT]
+  minusfed privacy-eval --run RUN_DIR (--client K | --all-clients) --out DIR [...]
+
+Data mode: identities with >= 2 images under LFW_ROOT are shuffled with --seed; the first N are the
+evaluated client, the next M the attacker's auxiliary set (disjoint by construction).
+Run mode: the generator is RUN_DIR/final/generator.pt; client K's identities are recomputed with
+simulation.partition + clients.site.federation_identities from RUN_DIR/run_config.json (keys of
+federation.protocol.RUN_CONFIG_DEFAULTS plus "num-clients"), or, without that file, from --data,
+--num-clients, --eval-fold, --partition-scheme, --partition-seed, --max-identities and
+--fed-preset.  The auxiliary set is M identities (>= 2 images) from outside client K.
+Without --judge, an unprotected judge recognizer is trained on the auxiliary identities first
+(minusface.trainer "baseline" recipe) and the report says so.
+
+`add_parser(subparsers)` registers the subcommand; everything heavy is imported lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("privacy-eval", help="attack protected images of a client and "
+                                                   "write a privacy report")
+    p.add_argument("--weights", metavar="GEN.pt", help="client generator g (minusfed .pt)")
+    p.add_argument("--data", metavar="LFW_ROOT", help="face folder root/<identity>/<image>")
+    p.add_argument("--client-identities", type=int, default=10, metavar="N")
+    p.add_argument("--aux-identities", type=int, default=40, metavar="M")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "cpu-small", "paper"))
+    p.add_argument("--judge", metavar="CKPT", help="trainer checkpoint of an unprotected "
+                                                   "recognizer (baseline recipe)")
+    p.add_argument("--run", metavar="DIR", help="federated run dir (DIR/final/generator.pt)")
+    p.add_argument("--client", type=int, metavar="K", help="client index in --run")
+    p.add_argument("--all-clients", action="store_true", help="every client of --run")
+    p.add_argument("--num-clients", type=int, help="clients of the run (if no run_config.json)")
+    p.add_argument("--eval-fold", type=int, default=0)
+    p.add_argument("--partition-scheme", default="uniform")
+    p.add_argument("--partition-seed", type=int, default=0)
+    p.add_argument("--max-identities", type=int, default=40)
+    p.add_argument("--fed-preset", default="tiny", help="training preset of the run")
+    p.add_argument("--width", type=int, default=4, help="generator w when no weights (test only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+# --------------------------------------------------------------------------- data
+
+def _identities(root: Path) -> dict[str, list[str]]:
+    from clients.data import scan_identity_folders
+    if (root / "images").is_dir() and (root / "pairs.txt").is_file():
+        root = root / "images"                     # an LFW root: faces are under images/
+    return dict(scan_identity_folders(root, min_images_per_identity=2))
+
+
+def _pick(names: list[str], n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
+    import numpy as np
+    pool = sorted(set(names) - set(exclude))
+    order = np.random.default_rng(seed).permutation(len(pool))
+    return sorted(pool[i] for i in order[:n])
+
+
+def _load(ids: dict[str, list[str]], names: list[str], cap: int | None = None):
+    """Faces of `names` (at most `cap` per identity, first by file name)."""
+    from clients.data import load_faces
+    ds = load_faces({n: sorted(ids[n])[:cap] if cap else ids[n] for n in names}, progress=False)
+    return ds.images, ds.labels, list(ds.identities)
+
+
+def _run_settings(args) -> dict:
+    cfg_file = Path(args.run) / "run_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    data = args.data or cfg.get("data-path")
+    if not data:
+        raise SystemExit("error: --run without run_config.json needs --data and the partition "
+                         "arguments")
+    num = cfg.get("num-clients", cfg.get("num-supernodes", args.num_clients))
+    if not num:
+        raise SystemExit("error: number of clients unknown: pass --num-clients")
+    return {"data": Path(data), "num_clients": int(num),
+            "eval_fold": int(cfg.get("eval-fold", args.eval_fold)),
+            "scheme": str(cfg.get("partition-scheme", args.partition_scheme)),
+            "partition_seed": int(cfg.get("partition-seed", args.partition_seed)),
+            "max_identities": int(cfg.get("max-identities", args.max_identities)),
+            "preset": str(cfg.get("preset", args.fed_preset)),
+            "source": str(cfg_file) if cfg else "command-line partition arguments"}
+
+
+def _client_sets(args) -> tuple[Path, list[tuple[str, list[str]]], dict[str, list[str]], str]:
+    """(data root, [(client name, identity names)], all identities, description)."""
+    if args.run:
+        from clients.site import federation_identities
+        from minusface.presets import get_preset
+        from simulation.partition import partition_identities
+        s = _run_settings(args)
+        fed = federation_identities(s["data"], s["eval_fold"], get_preset(s["preset"]),
+                                    s["max_identities"])
+        parts = partition_identities({k: len(v) for k, v in fed.items()}, s["num_clients"],
+                                     scheme=s["scheme"], seed=s["partition_seed"])
+        ks = range(s["num_clients"]) if args.all_clients else [args.client]
+        if not args.all_clients and args.client is None:
+            raise SystemExit("error: --run needs --client K or --all-clients")
+        clients = [(f"client-{k}", parts[k]) for k in ks]
+        return s["data"], clients, _identities(s["data"]), f"run {args.run} ({s['source']})"
+    if not args.data:
+        raise SystemExit("error: pass --data LFW_ROOT (or --run DIR)")
+    root = Path(args.data)
+    ids = _identities(root)
+    client = _pick(list(ids), args.client_identities, args.seed)
+    return root, [("client", client)], ids, f"{args.client_identities} identities of {root}"
+
+
+def _frontend(args):
+    import torch
+
+    from minusface.frontend import MinusFaceFrontend
+    from minusface.weights import load_generator
+    path = args.weights or (str(Path(args.run) / "final" / "generator.pt") if args.run else None)
+    if path:
+        g = load_generator(path)
+        return MinusFaceFrontend(generator=g), f"{path} (w = {g.width})"
+    torch.manual_seed(args.seed)
+    print("WARNING: no --weights: using a FRESHLY INITIALISED generator; the numbers do not "
+          "describe a trained MinusFace", file=sys.stderr)
+    return MinusFaceFrontend(width=args.width), f"untrained generator (w = {args.width})"
+
+
+def load_judge(path: str):
+    """Recognizer of a minusface.trainer checkpoint (baseline recipe) -> module in eval mode."""
+    import torch
+
+    from minusface.backbones import build_backbone
+    from minusface.presets import get_preset
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or "models" not in ck or "recognizer" not in ck["models"]:
+        raise SystemExit(f"error: {path}: not a minusface trainer checkpoint")
+    if ck.get("recipe") not in (None, "baseline"):
+        print(f"WARNING: judge {path} was trained with recipe {ck.get('recipe')!r}, not the "
+              f"unprotected baseline", file=sys.stderr)
+    preset = get_preset(str(ck.get("preset", "tiny")))
+    net = build_backbone(preset.backbone, 3, width=preset.backbone_width)
+    net.load_state_dict(ck["models"]["recognizer"])
+    return net.eval()
+
+
+def train_judge(images, labels, config, out_dir: Path, seed: int, progress: bool):
+    from minusface.presets import get_preset
+    from minusface.trainer import Trainer
+    preset = get_preset(config.judge_preset)
+    trainer = Trainer("baseline", preset, images, labels, out_dir, seed=seed,
+                      epochs=config.judge_epochs, progress=progress)
+    return trainer.run().recognizer.eval()
+
+
+# --------------------------------------------------------------------------- command
+
+def run_cli(args: argparse.Namespace) -> int:
+    from minusface.presets import get_preset
+
+    from .attacks import judge_embed_fn
+    from .report import evaluate_client, get_privacy_config, write_report, write_summary
+
+    config = get_privacy_config(args.preset)
+    out = Path(args.out)
+    progress = not args.quiet
+    frontend, g_info = _frontend(args)
+    root, clients, ids, source = _client_sets(args)
+    print(f"generator: {g_info}\nclients: {source}")
+
+    results = {}
+    judge, judge_info = None, ""
+    if args.judge:
+        judge, judge_info = load_judge(args.judge), f"checkpoint {args.judge}"
+    for name, client_ids in clients:
+        aux_ids = _pick(list(ids), args.aux_identities, args.seed + 1, exclude=set(client_ids))
+        cap = get_preset(config.judge_preset).max_images_per_identity
+        c_img, c_lab, _ = _load(ids, client_ids, cap)
+        a_img, a_lab, _ = _load(ids, aux_ids, cap)
+        if judge is None:
+            print(f"no --judge: training an unprotected judge ({config.judge_preset} preset, "
+                  f"{config.judge_epochs} epoch(s)) on the {len(aux_ids)} auxiliary identities")
+            judge = train_judge(a_img, a_lab, config, out / "judge", args.seed, progress)
+            judge_info = (f"trained here (no --judge): unprotected {config.judge_preset} "
+                          f"baseline recognizer, {config.judge_epochs} epoch(s) on the "
+                          f"{len(aux_ids)} auxiliary identities; weights in {out / 'judge'}")
+        result = evaluate_client(frontend, c_img, c_lab, a_img, judge_embed_fn(judge), config,
+                                 seed=args.seed, progress=progress, client_identities=client_ids,
+                                 aux_identities=aux_ids, judge_info=judge_info, client_name=name)
+        result["generator"] = g_info
+        result["source"] = source
+        client_dir = out / name if len(clients) > 1 else out
+        report = write_report(result, client_dir)
+        results[name] = result
+        print(f"{name}: report {report.resolve()}")
+    if len(results) > 1:
+        print(f"summary: {write_summary(results, out).resolve()}")
+    return 0

@@ -1,0 +1,160 @@
+"""privacy/: metrics, attacker views, the inverter attack and the report (all tiny, CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minusface.backbones import build_backbone
+from minusface.frontend import MinusFaceFrontend
+from privacy.attacks import (VIEW_KINDS, as_faces, judge_embed_fn, make_views, random_permutation, recover,
+                             to_unit, train_inverter, views_fn)
+from privacy.metrics import identity_match, ms_ssim, psnr, ssim
+from privacy.report import PRIVACY_PRESETS, evaluate_client, write_report, write_summary
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)           # the machine is shared: stay on one core
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lfw_faces(lfw_root):
+    """48 faces: 40 auxiliary identities (1 face each) + 8 faces of 4 other identities."""
+    from clients.data import load_faces, scan_identity_folders
+    found = scan_identity_folders(lfw_root / "images", min_images_per_identity=2)
+    client = {n: ps[:2] for n, ps in found[:4]}
+    aux = {n: ps[:1] for n, ps in found[4:44]}
+    c = load_faces(client, progress=False)
+    a = load_faces(aux, progress=False)
+    assert not set(c.identities) & set(a.identities)
+    return a.images, c.images, c.labels, list(c.identities), list(a.identities)
+
+
+@pytest.fixture(scope="module")
+def frontend():
+    torch.manual_seed(0)
+    return MinusFaceFrontend(width=2).eval()
+
+
+# --------------------------------------------------------------------------- metrics
+
+def test_ssim_identical_is_one_and_psnr_by_hand():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 112, 112, generator=g)
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert ms_ssim(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert ssim(a, torch.rand(2, 3, 112, 112, generator=g)) < 0.1
+    # per-image PSNR, then mean: errors 0.1 and 0.01 everywhere -> 20 dB and 40 dB -> 30 dB
+    x = torch.zeros(2, 3, 112, 112)
+    y = x.clone()
+    y[0] += 0.1
+    y[1] += 0.01
+    assert psnr(x, y) == pytest.approx((10 * math.log10(1 / 0.01) + 10 * math.log10(1 / 1e-4)) / 2,
+                                       abs=1e-4)
+    assert psnr(x, x) == pytest.approx(100.0)          # MSE floor 1e-10
+
+
+def test_identity_match_perfect_when_recovered_equals_originals():
+    g = torch.Generator().manual_seed(1)
+    faces = torch.rand(12, 3, 112, 112, generator=g)
+
+    def judge(x):
+        return torch.nn.functional.avg_pool2d(x - 0.5, 8).flatten(1)
+
+    m = identity_match(judge, faces, faces)
+    assert m["tar@0.01"] == 1.0 and m["tar@0.001"] == 1.0 and m["rank1"] == 1.0
+    assert m["n_impostor"] == 12 * 11
+    labels = np.repeat(np.arange(6), 2)
+    m = identity_match(judge, faces, faces, labels=labels)
+    assert m["tar@0.01"] == 1.0 and m["rank1"] == 1.0 and m["n_impostor"] == 12 * 10
+    shuffled = identity_match(judge, faces.flip(0), faces)
+    assert shuffled["rank1"] == 0.0
+
+
+# --------------------------------------------------------------------------- views
+
+def test_make_views_shapes_ranges_and_randomness(frontend):
+    faces = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    theta = random_permutation(seed=7)
+    views = {k: make_views(frontend, faces, k, permutation=theta) for k in VIEW_KINDS}
+    for k, v in views.items():
+        assert v.shape == (2, 3, 112, 112), k
+        assert v.dtype == torch.float32 and float(v.min()) >= 0.0 and float(v.max()) <= 1.0, k
+    assert torch.allclose(views["none"], to_unit(faces))
+    again = make_views(frontend, faces, "minusface")
+    assert not torch.equal(again, views["minusface"])           # fresh theta every call
+    fixed = make_views(frontend, faces, "fixed-permutation", permutation=theta)
+    assert torch.equal(fixed, views["fixed-permutation"])      # one known theta: deterministic
+    assert torch.equal(make_views(frontend, faces, "no-shuffle"), views["no-shuffle"])
+    with pytest.raises(ValueError):
+        make_views(frontend, faces, "fixed-permutation")
+    with pytest.raises(ValueError):
+        make_views(frontend, faces, "bogus")
+
+
+# --------------------------------------------------------------------------- attack works
+
+def test_inverter_recovers_unprotected_faces(lfw_faces):
+    aux, client, _, _, _ = lfw_faces
+    inv = train_inverter(views_fn(None, "none"), aux[:24], epochs=5, batch_size=4, width=8,
+                         progress=False)
+    originals = to_unit(as_faces(client))
+    rec = recover(inv, make_views(None, client, "none"))
+    grey = torch.full_like(originals, 0.5)
+    s_rec, s_grey = ssim(rec, originals), ssim(grey, originals)
+    print(f"tiny inverter on unprotected faces: SSIM {s_rec:.3f} vs grey {s_grey:.3f}, "
+          f"PSNR {psnr(rec, originals):.2f} vs {psnr(grey, originals):.2f}")
+    assert s_rec > s_grey + 0.15
+    assert psnr(rec, originals) > psnr(grey, originals)
+
+
+# --------------------------------------------------------------------------- report
+
+def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
+    aux, client, labels, client_ids, aux_ids = lfw_faces
+    cfg = PRIVACY_PRESETS["tiny"].with_(inverter_epochs=1, aux_images=8, eval_images=6,
+                                        batch_size=4, linkage_width=8, grid_rows=3)
+    torch.manual_seed(0)
+    judge = build_backbone("ir18", 3, width=8).eval()       # untrained: only the plumbing counts
+    with pytest.raises(ValueError):
+        evaluate_client(frontend, client, labels, aux, judge_embed_fn(judge), cfg,
+                        client_identities=client_ids, aux_identities=client_ids[:1])
+    result = evaluate_client(frontend, client, labels, aux, judge_embed_fn(judge), cfg,
+                             progress=False, client_identities=client_ids,
+                             aux_identities=aux_ids)
+    rows = result["metrics"]
+    for name in ("none", "no-shuffle", "no-subtraction", "minusface", "fixed-theta/same",
+                 "fixed-theta/fresh", "linkage", "mean-face guess"):
+        assert name in rows, name
+    print("tiny evaluate_client:", json.dumps({k: {m: round(v, 3) for m, v in r.items()
+                                                   if isinstance(v, float)}
+                                               for k, r in rows.items()}))
+    report = write_report(result, tmp_path / "client")
+    data = json.loads((tmp_path / "client" / "privacy.json").read_text())
+    assert "_images" not in data and data["metrics"]["minusface"]["ssim"] == rows["minusface"]["ssim"]
+    assert "gradient-inversion" in data["not_run"]
+    text = report.read_text()
+    assert "| minusface |" in text and "Adam lr 0.001" in text and "not run" in text
+    assert list((tmp_path / "client").glob("*.png"))
+    summary = write_summary({"client-0": result, "client-1": result}, tmp_path)
+    assert summary.read_text().count("| client-1 |") == len(rows)
+
+
+def test_cli_parser_registers_privacy_eval():
+    from privacy.cli import add_parser
+    parser = argparse.ArgumentParser(prog="minusfed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["privacy-eval", "--weights", "g.pt", "--data", "/x",
+                              "--client-identities", "3", "--aux-identities", "5", "--out", "o",
+                              "--preset", "tiny"])
+    assert args.command == "privacy-eval" and args.client_identities == 3 and callable(args.func)
