@@ -386,12 +386,18 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m simulation.ray_cluster [--head-cpus N --worker-cpus M]`: start a loopback
-    head + worker, print the address and nodes, wait for Ctrl-C, then stop them."""
+    head + worker, print the address and nodes, wait for Ctrl-C or SIGTERM, then stop them."""
     import argparse
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--head-cpus", type=int, default=1)
     ap.add_argument("--worker-cpus", type=int, default=1)
     args = ap.parse_args(argv)
+
+    def interrupt(signum, frame):               # SIGTERM, and SIGINT even where inherited
+        raise KeyboardInterrupt                 # as ignored (background jobs): clean up
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     with LocalRayCluster(args.head_cpus, args.worker_cpus) as cluster:
         print(f"RAY_ADDRESS={cluster.address}")
         print(json.dumps(cluster.alive_nodes(), indent=1))

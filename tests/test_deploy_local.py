@@ -74,7 +74,8 @@ def test_cli_subcommands_parse():
     assert deploy_cli.parse_run_config(a.run_config) == {"preset": "tiny", "stage1-rounds": 1}
     assert a.func is deploy_cli._cmd_local
     a = p.parse_args(["deploy", "local", "--out", "d"])
-    assert a.nodes == 3 and not a.insecure and a.run_config is None
+    assert a.nodes == 3 and not a.insecure and a.run_config is None and not a.in_memory_state
+    assert p.parse_args(["deploy", "local", "--out", "d", "--in-memory-state"]).in_memory_state
     a = p.parse_args(["deploy", "certs", "OUT", "--hosts", "sl.example.org", "10.0.0.5"])
     assert a.hosts == ["sl.example.org", "10.0.0.5"] and not a.overwrite and a.func is deploy_cli._cmd_certs
     a = p.parse_args(["deploy", "node-keys", "OUT", "--n", "4", "--overwrite"])
@@ -148,7 +149,9 @@ def test_deploy_commands_match_flower_flags():
                       "--ssl-keyfile", "/k/server.key", "--enable-supernode-auth",
                       "--host", "127.0.0.1", "--port", "9999", "--database", "/o/state.db",
                       "--disable-runtime-dependency-installation"]
-    assert "--insecure" in superlink_command(None, 1, P("s.db"))
+    insecure = superlink_command(None, 1, P("s.db"))
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    assert "--database" not in superlink_command(P("/k"), 1, None)      # in-memory state
     sn = supernode_command("127.0.0.1:9999", 9100, {"partition-id": 1, "num-partitions": 3},
                            ca_cert=P("/k/ca.crt"), private_key=P("/k/supernode-1"))
     assert sn[1:] == ["--root-certificates", "/k/ca.crt", "--auth-supernode-private-key",

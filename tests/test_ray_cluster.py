@@ -68,7 +68,7 @@ def test_flwr_run_on_a_two_node_ray_cluster(lfw_root, tmp_path):
         after = cluster.state()
         pids = cluster.pids()
     print(f"\ncluster up in {started:.1f} s; flwr run {result.status} in {ran:.1f} s; "
-          f"total {time.time() - t0:.1f} s; samples {seen}")
+          f"total {time.time() - t0:.1f} s; {len(seen)} samples, last {seen[-1:]}")
 
     assert result.completed, result.details + result.log[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

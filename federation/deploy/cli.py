@@ -2,7 +2,8 @@
 
     minusfed deploy certs OUT [--hosts H ...] [--days D] [--overwrite]
     minusfed deploy node-keys OUT --n N [--prefix P] [--overwrite]
-    minusfed deploy local --nodes N --out DIR [--run-config "k=v ..."] [--insecure] [--timeout S]
+    minusfed deploy local --nodes N --out DIR [--run-config "k=v ..."] [--insecure]
+                          [--timeout S] [--in-memory-state]
 
 Wire it with `add_parser(subparsers)`; each subcommand sets `func(args) -> exit code`.
 """
@@ -87,7 +88,8 @@ def _cmd_local(args: argparse.Namespace) -> int:
           flush=True)
     try:
         result = deploy_local(args.out, nodes=args.nodes, run_config=run_config,
-                              insecure=args.insecure, timeout=args.timeout, echo=True)
+                              insecure=args.insecure, timeout=args.timeout,
+                              in_memory_state=args.in_memory_state, echo=True)
     except Exception as e:                                    # noqa: BLE001  report, exit 1
         print(f"error: {e}", file=sys.stderr)
         print("status: failed")
@@ -129,5 +131,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP, no node authentication (development only)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds for the run")
+    p.add_argument("--in-memory-state", action="store_true",
+                   help="SuperLink state in memory instead of DIR/state.db (avoids SQLite "
+                        "'database is locked' errors on an overloaded machine)")
     p.set_defaults(func=_cmd_local)
     return deploy

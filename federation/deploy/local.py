@@ -103,9 +103,10 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
                           timeout=timeout)
 
 
-def superlink_command(keys: Path | None, port: int, database: Path, host: str = "127.0.0.1",
-                      auth: bool = True) -> list[str]:
-    """`flower-superlink` argv: TLS (+ node auth) with `keys`, `--insecure` when keys is None."""
+def superlink_command(keys: Path | None, port: int, database: Path | None,
+                      host: str = "127.0.0.1", auth: bool = True) -> list[str]:
+    """`flower-superlink` argv: TLS (+ node auth) with `keys`, `--insecure` when keys is None;
+    database None: Flower's in-memory state (no `--database`)."""
     cmd = [_bin("flower-superlink")]
     if keys is None:
         cmd.append("--insecure")
@@ -114,8 +115,10 @@ def superlink_command(keys: Path | None, port: int, database: Path, host: str = 
                 "--ssl-keyfile", str(keys / "server.key")]
         if auth:
             cmd.append("--enable-supernode-auth")
-    return cmd + ["--host", host, "--port", str(port), "--database", str(database),
-                  "--disable-runtime-dependency-installation"]
+    cmd += ["--host", host, "--port", str(port)]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd + ["--disable-runtime-dependency-installation"]
 
 
 def supernode_command(superlink: str, port: int, node_config: Mapping[str, object], *,
@@ -181,14 +184,17 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
                  run_config: Mapping[str, object] | None = None, insecure: bool = False,
                  node_configs: Sequence[Mapping[str, object]] | None = None,
                  timeout: float = 1800.0, *, app_dir: Path = ROOT,
-                 echo: bool = False) -> DeployResult:
+                 in_memory_state: bool = False, echo: bool = False) -> DeployResult:
     """Deploy the app with one SuperLink and `nodes` SuperNodes on loopback; run it once.
 
     run_config: `flwr run --run-config` overrides; `min-nodes` defaults to `nodes` and `out-dir` to
     OUT/run.  node_configs[i] is merged over SuperNode i's `partition-id=i num-partitions=N` (e.g.
     {"data-path": "/site/faces"}).  insecure=True: plain HTTP and no node authentication (a loud
     warning; loopback development only).  timeout bounds the run itself (then `flwr stop`).
-    A SuperNode that dies mid-run stops the run.  Always stops every process it started."""
+    A SuperNode that dies mid-run stops the run.  in_memory_state=True starts the SuperLink
+    without `--database` (Flower's in-memory SQLite: no state.db, and no "database is locked"
+    500 errors, which the file database's fixed 5 s busy_timeout gives on a CPU-starved machine).
+    Always stops every process it started."""
     if nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {nodes}")
     if node_configs is not None and len(node_configs) != nodes:
@@ -221,9 +227,11 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
     sl_log = logs_dir / "superlink.log"
     run_id: int | None = None
     lines: list[str] = []
+    run_log = None
     t0 = time.perf_counter()
     try:
-        superlink = _popen(superlink_command(keys, port, database), env, sl_log, app_dir)
+        superlink = _popen(superlink_command(keys, port, None if in_memory_state else database),
+                           env, sl_log, app_dir)
         started.append(superlink)
         scheme = "http" if insecure else "https"
         try:
@@ -282,7 +290,6 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
             time.sleep(0.5)
         stop(follower, timeout=5)
         reader.join(5)
-        run_log.close()
 
         listing = _cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env,
                        timeout=60)
@@ -292,6 +299,9 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
             raise DeployError(f"flwr ls failed (exit {listing.returncode}):\n"
                               f"{listing.stdout}\n{listing.stderr}") from None
         details = str(run.get("status-details", "") or "")
+        if run.get("status") != COMPLETED and "database is locked" in _tail(sl_log, 100_000):
+            details += ("\nSuperLink log: 'sqlite3.OperationalError: database is locked' (Flower's "
+                        "5 s SQLite busy_timeout on a busy machine); retry, or use in_memory_state")
         return DeployResult(status=str(run.get("status")), run_id=run_id,
                             seconds=time.perf_counter() - t0, log="".join(lines),
                             details=f"{abort}\n{details}".strip() if abort else details,
@@ -299,6 +309,8 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
     finally:
         for p in reversed(started):               # follower, SuperNodes, then the SuperLink
             stop(p)
+        if run_log is not None:
+            run_log.close()
 
 
 def commands_for_sites(nodes: int = 3, *, host: str = "superlink.example.org", port: int = 8000,
