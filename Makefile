@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(abspath ../shared/data/lfw_112_centercrop)
 PYTEST_ARGS ?=
 
-.PHONY: test demo install clean
+.PHONY: test test-slow demo install clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh "$(VENV)"
@@ -13,8 +13,13 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 
 install: $(VENV)/.installed
 
+# Fast suite (unit tests, direct ClientApp calls, an in-process federation).
 test: $(VENV)/.installed
-	MINUSFED_DATA="$(DATA)" $(PY) -m pytest -q $(PYTEST_ARGS)
+	MINUSFED_DATA="$(DATA)" $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# End-to-end runs (flwr run on Ray, a 2-node Ray cluster, a TLS deployment): minutes each; CI runs them.
+test-slow: $(VENV)/.installed
+	MINUSFED_DATA="$(DATA)" $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
 	MINUSFED_DATA="$(DATA)" $(PY) -m minusface.demo --data "$(DATA)"

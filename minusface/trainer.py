@@ -266,7 +266,8 @@ class Trainer:
                      "generator_width": self.preset.generator_width,
                      "models": state_dicts(self.models),
                      "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict()}, self.checkpoint_path)
+                     "scheduler": self.scheduler.state_dict(),
+                     "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
 
     def resume(self) -> bool:
         """Load `checkpoint.pt` if present; returns whether a run was resumed."""
@@ -281,6 +282,7 @@ class Trainer:
             module.load_state_dict(ck["models"][name])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["torch_rng"])          # dropout draws continue as if never stopped
         self.start_epoch = int(ck["epoch"]) + 1
         return True
 
@@ -288,7 +290,8 @@ class Trainer:
         with open(self.out_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def run(self) -> Models:
+    def run(self, stop_after_epoch: int | None = None) -> Models:
+        """Train the remaining epochs (`stop_after_epoch` ends early, as an interruption would)."""
         resumed = self.resume()
         if resumed and self.progress:
             print(f"[{self.recipe}] resumed from {self.checkpoint_path} at epoch {self.start_epoch}")
@@ -302,6 +305,8 @@ class Trainer:
             if self.progress:
                 print(f"[{self.recipe}] epoch {epoch + 1}/{self.epochs}: loss {stats['loss']:.3f} "
                       f"acc {stats['train_acc']:.3f} {stats['img_per_s']:.1f} img/s")
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                break
         return self.models
 
 

@@ -266,17 +266,16 @@ class SharedKeyFedAvg(FedAvg):
         """Configure the next round of training and remember what was sent."""
         # A decoded copy: immune to later in-place changes of `arrays`
         self._reference = reference_to_numpy(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        for msg in messages:
-            for name, record in self.frozen_arrays.items():
-                msg.content[name] = record
-        return messages
+        return self._with_frozen(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Evaluation needs the frozen arrays too (stage 2 protects with the frozen g)."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._with_frozen(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def _with_frozen(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
         for msg in messages:
             for name, record in self.frozen_arrays.items():
                 msg.content[name] = record

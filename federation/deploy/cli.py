@@ -95,7 +95,7 @@ def _cmd_local(args: argparse.Namespace) -> int:
         print("status: failed")
         return 1
     print(f"run {result.run_id}: {result.status} ({result.seconds:.1f} s)"
-          f"{': ' + result.details if result.details else ''}")
+          f"{': ' + result.details if result.details not in ('', 'N/A') else ''}")
     print(f"status: {'completed' if result.completed else 'failed'}")
     return 0 if result.completed else 1
 
