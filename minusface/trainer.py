@@ -135,18 +135,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, preset: Preset,
 
 
 def steps_per_epoch(num_images: int, repeat: int, batch_size: int) -> int:
-    return max(1, (num_images * repeat) // batch_size)
+    return max(1, (num_images * repeat) // min(batch_size, max(1, num_images * repeat)))
 
 
 def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, repeat: int,
                     seed: int, flip: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled, flipped float batches in [-1, 1] straight from the uint8 array (no per-item
     Python), in an order fixed by `seed` so a resumed epoch sees the same batches.  The last
-    incomplete batch is dropped (BatchNorm, and the step count stays fixed)."""
+    incomplete batch is dropped (BatchNorm, and the step count stays fixed); a site with fewer
+    images than one batch trains on one batch of all of them."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     order = rng.permutation(n * repeat) % n
     flips = rng.random(len(order)) < 0.5
+    batch_size = min(batch_size, len(order))
     for s in range(0, len(order) - batch_size + 1, batch_size):
         idx = order[s:s + batch_size]
         x = to_signed(images[idx])
