@@ -85,7 +85,7 @@ def test_a_few_steps_on_real_faces_lower_the_stage1_loss(lfw_root):
     first = None
     for _ in range(6):
         loss, parts = stage1_loss(fe, f, head, faces, labels)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
