@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.data import FaceDataset, load_faces, pair_index, view1_split, view2_fold_split  # noqa: E402
 from minusface.presets import get_preset  # noqa: E402
-from minusface.trainer import Trainer, evaluate_verification  # noqa: E402
+from minusface.trainer import Trainer, build_models, evaluate_verification  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw_112_centercrop"
 
@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, results = [], {}
     t_all = time.perf_counter()
+    # Reference: the same unprotected recognizer before any training (random features already
+    # separate some LFW pairs; a recipe that does not beat this has not learned).
+    torch.manual_seed(args.seed)
+    untrained = build_models("baseline", preset, train.num_classes)
+    reference = summarise("(0) untrained recognizer, raw faces",
+                          evaluate_verification(untrained, test_faces, idx_a, idx_b, same,
+                                                folds=folds), 0.0)
     for recipe in ("baseline", "stage1", "stage2"):
         rdir = out / recipe
         generator = None
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"generator": models.frontend.generator.state_dict(),
                         "width": preset.generator_width}, out / "generator.pt")
     gap = 100 * (rows[0]["accuracy"] - rows[2]["accuracy"])
-    text = table(rows, gap)
+    text = table([reference] + rows, gap)
     print("\nLFW, centre-cropped, not aligned, trained on LFW only; "
           f"{split}, preset {preset.name}, commit {git_commit()}, {platform.node()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({
         "split": split, "preset": preset.to_dict(), "commit": git_commit(),
         "train_images": train.num_images, "train_identities": train.num_classes,
-        "rows": rows, "gap_points": gap,
+        "rows": [reference] + rows, "gap_points": gap,
         "metrics": {k: v["metrics"] for k, v in results.items()}}, indent=2, default=str))
     print(f"\nresults: {out / 'results.json'}")
     return 0

@@ -33,9 +33,10 @@ INFO, WARNING = 20, 30
 
 
 def lr_for_round(preset: Preset, stage_round: int, stage_rounds: int) -> float:
-    """The preset's step schedule over a stage's rounds (LR / 10 at each milestone fraction)."""
-    passed = sum(1 for f in preset.milestones if stage_round > f * stage_rounds and stage_rounds > 1)
-    return preset.lr * (0.1 ** passed)
+    """The preset's step schedule over a stage's rounds: LR / 10 for each milestone fraction of
+    the stage already completed before this round (round 1 always trains at the full LR)."""
+    done = (stage_round - 1) / stage_rounds
+    return preset.lr * (0.1 ** sum(1 for f in preset.milestones if done >= f))
 
 
 def initial_arrays(stage: str, preset: Preset, seed: int) -> dict[str, torch.Tensor]:

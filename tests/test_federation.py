@@ -139,3 +139,14 @@ def test_flwr_run_end_to_end_four_virtual_clients(lfw_root, tmp_path):
     nodes = {r["client"]["node_id"] for r in lines if "client" in r}
     assert len(nodes) == 4
     assert (out / "checkpoint.pt").exists() and (out / "final" / "generator.pt").exists()
+
+
+def test_round_lr_schedule_follows_the_paper_milestones():
+    from federation.server_app import lr_for_round
+    p = get_preset("paper")
+    lrs = [lr_for_round(p, r, 24) for r in range(1, 25)]
+    assert lrs[:10] == [0.01] * 10 and abs(lrs[10] - 1e-3) < 1e-12    # / 10 at epoch 10 of 24
+    assert abs(lrs[17] - 1e-3) < 1e-12 and abs(lrs[18] - 1e-4) < 1e-12  # and at 18
+    assert abs(lrs[21] - 1e-4) < 1e-12 and abs(lrs[22] - 1e-5) < 1e-12  # and at 22
+    assert [lr_for_round(p, r, 2) for r in (1, 2)] == [0.01, 0.001]
+    assert lr_for_round(p, 1, 1) == 0.01
