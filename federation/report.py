@@ -44,7 +44,7 @@ def client_table(clients: list[dict]) -> str:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())
                           if isinstance(v, float) and k != "num-examples")
         lines.append(f"| {rec['round']} | {rec['stage']} | {c.get('node_id')} | {c.get('phase', '')} | "
-                     f"{'no: ' + '; '.join(c.get('problems', [])) if c.get('rejected') else 'yes'} | "
+                     f"{'yes' if c.get('accepted', True) else 'no: ' + '; '.join(c.get('problems', []))} | "
                      f"{m.get('num-examples', '')} | {shown} |")
     return "\n".join(lines)
 

@@ -130,7 +130,7 @@ def run_server(grid: Grid, context: Context) -> None:
         if stage == STAGE2:
             saved.update({f"frozen.{k}": v for k, v in frozen.items()})
         store.save(index, stage, saved, metrics=metrics)
-        for entry in strategy.round_log + [dict(e, rejected=True) for e in strategy.rejected]:
+        for entry in strategy.round_log:             # every reply, accepted or not, with why
             store.append_metrics({"round": index, "stage": stage, "client": entry})
         strategy.round_log.clear()
         strategy.rejected.clear()

@@ -337,6 +337,7 @@ class SharedKeyFedAvg(FedAvg):
                     "node_id": node_id,
                     "metrics": _metrics_dict(msg),
                     "accepted": not problems,
+                    "problems": problems,
                 }
             )
             if problems:
