@@ -9,6 +9,7 @@ checkpointed round.  Outputs (absolute `out-dir`): checkpoint.pt, metrics.jsonl,
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -77,7 +78,10 @@ def run_server(grid: Grid, context: Context) -> None:
     data_path = resolve_data_path(str(cfg["data-path"]))
     min_nodes = int(cfg["min-nodes"])
     log(INFO, "minusfed: preset %s, out-dir %s, data %s", preset.name, out_dir, data_path)
-    wait_for_nodes(grid, min_nodes)
+    nodes = wait_for_nodes(grid, min_nodes)
+    # what later tools (privacy-eval --run DIR) need to rebuild the sites' partition
+    (out_dir / "run_config.json").write_text(json.dumps(
+        {**cfg, "data-path": str(data_path), "num-clients": nodes}, indent=2, sort_keys=True))
     evaluator = ServerEvaluator(data_path, int(cfg["eval-fold"]), int(cfg["server-eval-pairs"]))
 
     rounds = {STAGE1: int(cfg["stage1-rounds"]), STAGE2: int(cfg["stage2-rounds"])}
