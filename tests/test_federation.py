@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.message import make_message  # noqa: F401 - documented alternative
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from federation.protocol import FROZEN_GENERATOR, STAGE1, STAGE2, unflatten
