@@ -109,9 +109,21 @@ def _check(x: torch.Tensor, channels: int, name: str) -> None:
         raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
 
 
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def encode(img: torch.Tensor) -> torch.Tensor:
-    """e: faces (N, 3, 112, 112) in [-1, 1] -> raw DCT coefficients (N, 192, 112, 112)."""
+    """e: faces (N, 3, 112, 112) in [-1, 1] -> raw DCT coefficients (N, 192, 112, 112).
+
+    Always float32 or better, also inside an autocast region: the Y plane spans 0..255 and
+    bf16 keeps 8 bits of mantissa, so a bf16 colour transform would be off by whole grey levels."""
     _check(img, 3, "encode")
+    with torch.autocast(img.device.type, enabled=False):
+        return _encode(_full_precision(img))
+
+
+def _encode(img: torch.Tensor) -> torch.Tensor:
     idx, w, _, fwd, _ = _bands_on(img.device, img.dtype)
     n = img.shape[0]
     ycc = _colour(img * 0.5 + 0.5, fwd)
@@ -131,8 +143,15 @@ def encode(img: torch.Tensor) -> torch.Tensor:
 
 
 def decode(coef: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-    """d: DCT coefficients (N, 192, 112, 112) -> RGB (N, 3, 112, 112) in [0, 1] (clamped)."""
+    """d: DCT coefficients (N, 192, 112, 112) -> RGB (N, 3, 112, 112) in [0, 1] (clamped).
+
+    Like `encode`, always float32 or better, also inside an autocast region."""
     _check(coef, CHANNELS, "decode")
+    with torch.autocast(coef.device.type, enabled=False):
+        return _decode(_full_precision(coef), clamp)
+
+
+def _decode(coef: torch.Tensor, clamp: bool) -> torch.Tensor:
     _, _, w, _, inv = _bands_on(coef.device, coef.dtype)
     n = coef.shape[0]
     c6 = coef.reshape(n, 3, BLOCK, BLOCK, SIZE, SIZE)                 # (n, c, u, v, i, j)

@@ -6,6 +6,7 @@ trains g and f on the unshuffled residue r; stage 2 and deployment only ever cal
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +50,15 @@ class MinusFaceFrontend(nn.Module):
 
     @torch.no_grad()
     def protect(self, faces: torch.Tensor, rng: torch.Generator | None = None,
-                micro_batch: int | None = None) -> torch.Tensor:
+                micro_batch: int | None = None, register: bool = True) -> torch.Tensor:
         """Protected images X_p (N, 3, 112, 112) in [0, 1] from faces in [-1, 1].
 
         Each call draws new permutations, so protecting the same face twice gives different X_p.
         `rng` is for tests and benchmarks only.  On CPU the batch is processed in micro-batches
         of 2 (`micro_batch`): the 192-channel intermediates then stay small enough to be reused
         by the allocator instead of being page-faulted in again (about 1.5x faster, measured).
+        `register=False` skips recording the outputs for the outbound guard: for X_p that is
+        consumed on the site (stage-2 training, evaluation) and never shipped.
         """
         _check_faces(faces)
         if micro_batch is None:
@@ -65,16 +68,17 @@ class MinusFaceFrontend(nn.Module):
         else:
             protected = torch.cat([self.forward(faces[s:s + micro_batch], rng=rng)
                                    for s in range(0, faces.shape[0], micro_batch)])
-        register_protected(protected)  # lets clients.guard.outbound_guard release exactly these
+        if register:
+            register_protected(protected)  # lets clients.guard.outbound_guard release exactly these
         return protected
 
 
 def _check_faces(faces: torch.Tensor) -> None:
     if faces.dim() != 4 or faces.shape[1:] != (3, 112, 112):
         raise ValueError(f"protect: expected faces of shape (N, 3, 112, 112), got {tuple(faces.shape)}")
-    if not torch.isfinite(faces).all():
+    lo, hi = (float(v) for v in torch.aminmax(faces.detach()))   # one device sync; NaN propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("protect: faces contain NaN or infinite values")
-    lo, hi = float(faces.min()), float(faces.max())
     if lo < -1.0001 or hi > 1.0001:
         raise ValueError(f"protect: faces must be in [-1, 1] (normalised with mean 0.5, std 0.5), "
                          f"got values in [{lo:.3f}, {hi:.3f}]")

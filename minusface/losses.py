@@ -47,7 +47,7 @@ def stage2_loss(frontend: MinusFaceFrontend, recognizer: nn.Module, head: nn.Mod
                 faces: torch.Tensor, labels: torch.Tensor,
                 rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Train f_p on protected images; g contributes nothing to the graph."""
-    protected = frontend.protect(faces, rng=rng)
+    protected = frontend.protect(faces, rng=rng, register=False)   # never shipped
     fr, logits = recognition_loss(recognizer, head, protected, labels)
     return fr, _parts(loss=fr, loss_fr=fr, logits=logits, labels=labels)
 

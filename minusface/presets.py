@@ -1,7 +1,8 @@
 """Training presets: one place that says which models, widths and budgets a run uses.
 
 `tiny` is for tests and smoke runs (seconds), `cpu-small` for a 2-core CPU (about an hour for the
-three centralized recipes on one LFW View 2 fold), `paper` for GPUs (IR-50, w = 64, 24 epochs,
+three centralized recipes on one LFW View 2 fold), `gpu-small` for a few minutes of one GPU,
+`paper` for GPUs (IR-50, w = 64, 24 epochs,
 batch 64, SGD 0.01 / 1e-4, LR / 10 at epochs 10, 18, 22).
 """
 
@@ -50,6 +51,10 @@ PRESETS: dict[str, Preset] = {
     "cpu-small": Preset("cpu-small", backbone="ir18", backbone_width=16, generator_width=8,
                         batch_size=32, lr=0.1, weight_decay=5e-4, epochs=1, repeat=3,
                         max_images_per_identity=10),
+    # One GPU, minutes per recipe: IR-18 at half width and a w = 16 generator, so the three
+    # centralized recipes and the federated run together fit a short GPU lease (bench/gpu.sh).
+    "gpu-small": Preset("gpu-small", backbone="ir18", backbone_width=32, generator_width=16,
+                        batch_size=128, lr=0.1, weight_decay=5e-4, epochs=8, repeat=3),
     "paper": Preset("paper", backbone="ir50", backbone_width=64, generator_width=64,
                     batch_size=64, lr=0.01, weight_decay=1e-4, epochs=24, repeat=3),
 }

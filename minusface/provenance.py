@@ -14,8 +14,10 @@ anything.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -23,7 +25,10 @@ import torch
 MAX_ENTRIES = 200_000
 SAMPLE_SHAPE = (3, 112, 112)
 
+PARALLEL_MIN = 64                 # batches at least this large are hashed on a thread pool
+
 _lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
 _registry: OrderedDict[bytes, None] = OrderedDict()
 
 
@@ -38,13 +43,25 @@ def register_protected(batch: torch.Tensor) -> None:
     if batch.dim() != 4 or tuple(batch.shape[1:]) != SAMPLE_SHAPE:
         raise ValueError(f"register_protected: expected (N, 3, 112, 112), got {tuple(batch.shape)}")
     arr = batch.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-    digests = [_digest(sample) for sample in arr]  # hash outside the lock
+    digests = _digests(arr)                        # hash outside the lock
     with _lock:
         for d in digests:
             _registry[d] = None
             _registry.move_to_end(d)
         while len(_registry) > MAX_ENTRIES:
             _registry.popitem(last=False)
+
+
+def _digests(arr: np.ndarray) -> list[bytes]:
+    """Digests of every sample; large batches hash on a thread pool (hashlib releases the GIL),
+    so registration keeps up with a GPU's protect() rate."""
+    if len(arr) < PARALLEL_MIN:
+        return [_digest(sample) for sample in arr]
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1),
+                                   thread_name_prefix="minusfed-digest")
+    return list(_pool.map(_digest, arr, chunksize=16))
 
 
 def is_protected(array: np.ndarray) -> bool:
@@ -60,7 +77,7 @@ def all_protected(batch_array: np.ndarray) -> bool:
     batch_array = np.asarray(batch_array)
     if batch_array.ndim != 4 or batch_array.shape[1:] != SAMPLE_SHAPE:
         return False
-    return _lookup([_digest(sample) for sample in batch_array])
+    return _lookup(_digests(batch_array))
 
 
 def _lookup(digests: list[bytes]) -> bool:
