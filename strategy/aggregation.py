@@ -9,9 +9,18 @@ must not train. This strategy:
   Flower raise `InconsistentMessageReplies` and end the run;
 * aggregates the remaining replies with one of Flower's own rules (FedAvg,
   FedMedian, FedTrimmedAvg, Krum, MultiKrum) by delegating to an inner Flower
-  strategy, so the arithmetic is exactly Flower's;
+  strategy, so the arithmetic is exactly Flower's; for "fedavg" the weighted
+  average can instead be computed by `streaming.py` (one reply decoded at a
+  time, in-place accumulators) or `ray_backend.py` (Ray tasks over parameter
+  shards, tree reduction): the `backend` option;
 * adds read-only ArrayRecords (`frozen_arrays`) to every train message;
-* keeps per-node metrics in `round_log` for per-client reporting.
+* keeps per-node metrics in `round_log` for per-client reporting;
+* records, per round and phase, which nodes were sampled, which replied and
+  which dropped out (`round_nodes`, `node_summary()`): a node that dies
+  mid-round gets an error reply from the SuperLink (Node Unavailable, once it
+  misses its heartbeats) or no reply within the `start(timeout=...)`; either
+  way the round goes on with the replies that came, and the node is listed
+  under "dropped".
 """
 
 from collections.abc import Callable, Iterable, Mapping
@@ -39,9 +48,11 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
+from .streaming import weighted_mean
 from .validation import reference_to_numpy, validate_reply_content, validate_update
 
 RULES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
+BACKENDS = ("flower", "streaming", "ray")
 
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -52,6 +63,17 @@ def normalize_rule(rule: str) -> str:
     if name not in RULES:
         raise ValueError(
             f"Unknown aggregation rule {rule!r}; valid rules: {', '.join(RULES)}"
+        )
+    return name
+
+
+def normalize_backend(backend: str) -> str:
+    """Accept `Streaming` for `streaming`; reject unknown aggregation backends clearly."""
+    name = backend.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(
+            f"Unknown aggregation backend {backend!r}; valid backends: "
+            f"{', '.join(BACKENDS)}"
         )
     return name
 
@@ -146,6 +168,12 @@ class SharedKeyFedAvg(FedAvg):
     frozen_arrays : Optional[dict[str, ArrayRecord]] (default: None)
         Read-only ArrayRecords added to every train message under their names.
         Never aggregated and not expected back.
+    backend : str (default: "flower")
+        One of `BACKENDS`, the arithmetic of rule "fedavg": "flower" (Flower's
+        own `aggregate_arrayrecords`), "streaming" (`streaming.py`: replies
+        decoded and folded one at a time into float64 accumulators) or "ray"
+        (`ray_backend.py`: Ray tasks over parameter shards on the connected or a
+        local Ray cluster). Other rules always use Flower's arithmetic.
     """
 
     # pylint: disable=too-many-arguments,too-many-locals
@@ -169,6 +197,7 @@ class SharedKeyFedAvg(FedAvg):
         max_update_norm: float | None = None,
         max_update_bytes: int | None = None,
         frozen_arrays: Mapping[str, ArrayRecord] | None = None,
+        backend: str = "flower",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -189,6 +218,15 @@ class SharedKeyFedAvg(FedAvg):
         if max_update_norm is not None and not max_update_norm > 0:
             raise ValueError("`max_update_norm` must be > 0 or None.")
         self.rule = normalize_rule(rule)
+        self.backend = normalize_backend(backend)
+        if self.backend != "flower" and self.rule != "fedavg":
+            log(
+                WARNING,
+                "aggregation backend %r applies to rule 'fedavg' only; "
+                "rule %r uses Flower's arithmetic",
+                self.backend,
+                self.rule,
+            )
         self.beta = beta
         self.num_malicious_nodes = num_malicious_nodes
         self.num_nodes_to_select = num_nodes_to_select
@@ -201,6 +239,12 @@ class SharedKeyFedAvg(FedAvg):
         self._reference: dict[str, NDArray] | None = None
         self.rejected: list[dict[str, Any]] = []
         self.round_log: list[dict[str, Any]] = []
+        # Per phase: sampled / replied / dropped node ids (see `node_summary`)
+        self.round_nodes: list[dict[str, Any]] = []
+        # Metadata of the messages sent in the current round, per phase: the grid
+        # fills in their message ids when it pushes them, which maps a reply the
+        # SuperLink generated (src = SuperLink) back to the node it was meant for
+        self._sent: dict[str, list[Any]] = {}
 
     @property
     def frozen_arrays(self) -> dict[str, ArrayRecord]:
@@ -248,6 +292,7 @@ class SharedKeyFedAvg(FedAvg):
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> SharedKeyFedAvg settings:")
         log(INFO, "\t│\t├── Aggregation rule: %s", self.rule)
+        log(INFO, "\t│\t├── Aggregation backend: %s", self.backend)
         if self.rule == "trimmed-mean":
             log(INFO, "\t│\t├── beta: %s", self.beta)
         if self.rule in ("krum", "multi-krum"):
@@ -266,13 +311,42 @@ class SharedKeyFedAvg(FedAvg):
         """Configure the next round of training and remember what was sent."""
         # A decoded copy: immune to later in-place changes of `arrays`
         self._reference = reference_to_numpy(arrays)
-        return self._with_frozen(super().configure_train(server_round, arrays, config, grid))
+        messages = self._with_frozen(
+            super().configure_train(server_round, arrays, config, grid)
+        )
+        self._sent["train"] = [msg.metadata for msg in messages]
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Evaluation needs the frozen arrays too (stage 2 protects with the frozen g)."""
-        return self._with_frozen(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._with_frozen(
+            super().configure_evaluate(server_round, arrays, config, grid)
+        )
+        self._sent["evaluate"] = [msg.metadata for msg in messages]
+        return messages
+
+    def node_summary(self) -> dict[str, Any]:
+        """Sampled / replied / dropped node ids of the phases since the last call.
+
+        Returns ``{"nodes": {phase: {"sampled": [...], "replied": [...],
+        "dropped": [...], "silent": [...]}}, "dropped": [...]}`` (ids sorted;
+        the top-level "dropped" over all phases) and clears `round_nodes`.
+        "replied" counts any reply the node sent itself, an error reply
+        included; "dropped" are sampled nodes that sent none (dead, unreachable,
+        or too slow for the round timeout); "silent" those of them without even
+        a SuperLink-made error reply (the round timed out on them).
+        """
+        nodes = {
+            entry["phase"]: {
+                k: entry[k] for k in ("sampled", "replied", "dropped", "silent")
+            }
+            for entry in self.round_nodes
+        }
+        dropped = sorted({n for entry in self.round_nodes for n in entry["dropped"]})
+        self.round_nodes.clear()
+        return {"nodes": nodes, "dropped": dropped}
 
     def _with_frozen(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
@@ -327,8 +401,16 @@ class SharedKeyFedAvg(FedAvg):
         """Log every reply in `round_log`, reject bad ones, return the good ones."""
         accepted: list[Message] = []
         replies = list(replies)
+        sent = self._sent.pop(phase, None)
+        # message id -> node it was sent to (ids are set once the grid pushed them)
+        sent_to = {md.message_id: md.dst_node_id for md in sent or [] if md.message_id}
+        replied: set[int] = set()  # nodes that answered themselves (maybe an error)
+        heard: set[int] = set()  # nodes with any reply (also one the SuperLink made)
         for msg in replies:
-            node_id = msg.metadata.src_node_id
+            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            heard.add(node_id)
+            if msg.metadata.src_node_id == node_id:
+                replied.add(node_id)
             problems = problems_of(msg)
             self.round_log.append(
                 {
@@ -344,6 +426,8 @@ class SharedKeyFedAvg(FedAvg):
                 self._reject(server_round, phase, node_id, problems)
             else:
                 accepted.append(msg)
+        if sent:
+            self._record_nodes(server_round, phase, sent, replied, heard)
         log(
             INFO,
             "aggregate_%s: accepted %d of %d replies",
@@ -354,6 +438,43 @@ class SharedKeyFedAvg(FedAvg):
         if accepted:
             _harmonize_metric_keys(accepted, phase)
         return accepted
+
+    def _record_nodes(
+        self,
+        server_round: int,
+        phase: str,
+        sent: list[Any],
+        replied: set[int],
+        heard: set[int],
+    ) -> None:
+        """Note sampled vs replied nodes. A dropped node with a SuperLink-made error
+        reply (Node Unavailable) is in `round_log` already; one with no reply at all
+        (round timeout) is listed under "silent" and only here."""
+        sampled = sorted({int(md.dst_node_id) for md in sent})
+        dropped = [n for n in sampled if n not in replied]
+        silent = [n for n in dropped if n not in heard]
+        if dropped:
+            log(
+                WARNING,
+                "aggregate_%s: round %d: %d of %d sampled nodes dropped out: %s "
+                "(no reply at all before the round timeout: %s)",
+                phase,
+                server_round,
+                len(dropped),
+                len(sampled),
+                dropped,
+                silent,
+            )
+        self.round_nodes.append(
+            {
+                "round": server_round,
+                "phase": phase,
+                "sampled": sampled,
+                "replied": sorted(replied),
+                "dropped": dropped,
+                "silent": silent,
+            }
+        )
 
     def aggregate_train(
         self,
@@ -395,10 +516,41 @@ class SharedKeyFedAvg(FedAvg):
                     or max(1, num_accepted - self.num_malicious_nodes),
                 )
 
+        if self.rule == "fedavg" and self.backend != "flower":
+            return self._backend_average(accepted), self.train_metrics_aggr_fn(
+                [msg.content for msg in accepted], self.weighted_by_key
+            )
         arrays, metrics = self._inner.aggregate_train(server_round, accepted)
         if arrays is not None:
             arrays = _like_reference(arrays, self._reference)
         return arrays, metrics
+
+    def _backend_average(self, accepted: list[Message]) -> ArrayRecord:
+        """Weighted average of accepted replies by the "streaming" or "ray" backend.
+
+        Replies are decoded one at a time (a generator), so besides the replies
+        themselves only one decoded update and the accumulators are in memory.
+        """
+        reference = cast(dict[str, NDArray], self._reference)
+
+        def updates() -> Iterable[tuple[dict[str, NDArray], float]]:
+            for msg in accepted:
+                metrics = next(iter(msg.content.metric_records.values()))
+                weight = float(cast(float, metrics[self.weighted_by_key]))
+                record = cast(ArrayRecord, msg.content[self.arrayrecord_key])
+                yield reference_to_numpy(record), weight
+
+        if self.backend == "ray":
+            # Imported here: Ray is heavy and only needed by this backend
+            from .ray_backend import ray_weighted_mean  # pylint: disable=import-outside-toplevel
+
+            mean = ray_weighted_mean(updates(), like=reference)
+        else:
+            mean = weighted_mean(updates(), like=reference)
+        # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,)
+        return ArrayRecord(
+            {key: Array(np.asarray(mean[key], order="C")) for key in reference}
+        )
 
     def _evaluate_reply_problems(self, msg: Message) -> list[str]:
         if msg.has_error():
@@ -425,6 +577,6 @@ def make_strategy(rule: str, **kwargs: Any) -> SharedKeyFedAvg:
     """Build a `SharedKeyFedAvg` for `rule` (one of `RULES`).
 
     Keyword arguments go to `SharedKeyFedAvg` (e.g. `fraction_train`, `beta`,
-    `num_malicious_nodes`, `max_update_norm`, `frozen_arrays`).
+    `num_malicious_nodes`, `max_update_norm`, `frozen_arrays`, `backend`).
     """
     return SharedKeyFedAvg(rule=normalize_rule(rule), **kwargs)

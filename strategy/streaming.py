@@ -1,0 +1,289 @@
+"""Streaming weighted mean of client updates: memory independent of the number of updates.
+
+Flower's `aggregate_arrayrecords` needs every reply in memory and, per key and reply, builds a
+temporary ``value * weight`` before adding it.  `StreamingWeightedMean` takes updates one at a
+time (a mapping key -> NumPy array and a weight, e.g. ``num-examples``) and folds each into one
+accumulator per key, in place:
+
+* the accumulators are float64 by default (``accumulate_dtype="float32"`` halves the memory
+  traffic at the cost of float32 rounding per addition, which is what Flower itself does);
+  float64 inputs always accumulate in float64, integer inputs (BatchNorm's
+  ``num_batches_tracked``) too;
+* ``acc += w * a`` runs block by block through one small scratch buffer (``block`` elements,
+  sized to stay in the CPU caches), so no array-sized temporary is made per key or update:
+  per element the accumulator is read and written once and the update is read once;
+* peak memory is the accumulators (plus one cache-sized scratch buffer per dtype), whatever
+  the number of updates N.
+
+`result()` divides by the total weight and returns arrays with the first update's (or a given
+reference's) key order, shapes and dtypes; integer arrays are rounded to nearest first, as
+`strategy.aggregation._like_reference` does for Flower's result.  Pure NumPy: no Flower, so
+Ray workers (`strategy.ray_backend`) use it too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+DEFAULT_BLOCK = 1 << 18  # elements per scratch block: 2 MiB in float64 (measured best on cpu2)
+
+
+def _accumulator_dtype(dtype: np.dtype, accumulate_dtype: np.dtype) -> np.dtype:
+    """float64 for integers/bools and float64 inputs; else the wider of the two floats."""
+    if not np.issubdtype(dtype, np.inexact):
+        return np.dtype(np.float64)
+    if np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"complex arrays are not supported (dtype {dtype})")
+    return np.promote_types(dtype, accumulate_dtype)
+
+
+def _check_weight(weight: float) -> float:
+    if isinstance(weight, bool):
+        raise TypeError("weight must be a number, got bool")
+    value = float(weight)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"weight must be finite and > 0, got {weight!r}")
+    return value
+
+
+class StreamingWeightedMean:
+    """Weighted mean of updates given one at a time, accumulated in place.
+
+    >>> acc = StreamingWeightedMean()
+    >>> acc.add({"w": np.array([1.0, 2.0], np.float32)}, 1)
+    >>> acc.add({"w": np.array([3.0, 6.0], np.float32)}, 3)
+    >>> acc.result()["w"]
+    array([2.5, 5. ], dtype=float32)
+
+    Parameters
+    ----------
+    accumulate_dtype : "float64" (default) or "float32"
+        Accumulator precision for float32/float16 inputs.
+    block : int
+        Elements per scratch block (``acc += w * a`` is done block by block).
+    threads : int (default: 1)
+        Split each update's elements into this many contiguous parts, folded by as many
+        threads (NumPy releases the GIL in its loops). Each part has its own scratch buffer.
+    """
+
+    def __init__(self, accumulate_dtype: str | np.dtype = "float64",
+                 block: int = DEFAULT_BLOCK, threads: int = 1) -> None:
+        self.accumulate_dtype = np.dtype(accumulate_dtype)
+        if self.accumulate_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"accumulate_dtype must be float32 or float64, got {accumulate_dtype}")
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.block = int(block)
+        self.threads = int(threads)
+        self._acc: dict[str, np.ndarray] = {}      # flat accumulators
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, np.dtype] = {}     # dtypes of the first update
+        # per thread: (key, start, stop, view of the accumulator's [start:stop])
+        self._plan: list[list[tuple[str, int, int, np.ndarray]]] = []
+        self._scratch: list[dict[np.dtype, np.ndarray]] = []  # per thread, per dtype
+        self._pool: ThreadPoolExecutor | None = None
+        self.count = 0
+        self.total_weight = 0.0
+        self._finished = False
+
+    # -- accumulation -------------------------------------------------------------------------
+
+    def _allocate(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Accumulators shaped after the first update, and the split of work among threads."""
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            acc_dtype = _accumulator_dtype(value.dtype, self.accumulate_dtype)
+            self._acc[key] = np.empty(value.size, acc_dtype)
+            self._shapes[key] = value.shape
+            self._dtypes[key] = value.dtype
+        total = sum(acc.size for acc in self._acc.values())
+        share = max(1, -(-total // self.threads))
+        self._plan = [[] for _ in range(self.threads)]
+        part, filled = 0, 0
+        for key, acc in self._acc.items():
+            start = 0
+            while start < acc.size:
+                stop = min(acc.size, start + share - filled)
+                self._plan[part].append((key, start, stop, acc[start:stop]))
+                filled += stop - start
+                start = stop
+                if filled >= share and part < self.threads - 1:
+                    part, filled = part + 1, 0
+            if acc.size == 0:
+                self._plan[part].append((key, 0, 0, acc))
+        self._plan = [p for p in self._plan if p]
+        self._scratch = [{} for _ in self._plan]
+
+    def _run_part(self, index: int, flats: Mapping[str, np.ndarray], weight: float,
+                  mode: str) -> None:
+        """Fold one thread's part: mode "init" (acc = w*a), "axpy" (acc += w*a), "add"."""
+        scratch_of = self._scratch[index]
+        block = self.block
+        for key, start, stop, acc in self._plan[index]:
+            flat = flats[key]
+            if start or stop != flat.size:
+                flat = flat[start:stop]
+            if mode == "init":
+                if weight == 1.0 and acc.dtype == flat.dtype:
+                    np.copyto(acc, flat)
+                else:
+                    np.multiply(flat, weight, out=acc, dtype=acc.dtype)
+                continue
+            if mode == "add":
+                np.add(acc, flat, out=acc, casting="same_kind")
+                continue
+            scratch = scratch_of.get(acc.dtype)
+            if scratch is None:
+                scratch = scratch_of[acc.dtype] = np.empty(block, acc.dtype)
+            size = stop - start
+            if size <= block:
+                tmp = scratch[:size]
+                np.multiply(flat, weight, out=tmp, dtype=acc.dtype)
+                np.add(acc, tmp, out=acc)
+                continue
+            for lo in range(0, size, block):
+                hi = min(lo + block, size)
+                tmp = scratch[: hi - lo]
+                part = acc[lo:hi]
+                np.multiply(flat[lo:hi], weight, out=tmp, dtype=acc.dtype)
+                np.add(part, tmp, out=part)
+
+    def _check(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Flat views of `arrays`, after checking keys and shapes against the accumulators."""
+        if arrays.keys() != self._acc.keys():
+            missing = [k for k in self._acc if k not in arrays]
+            extra = [k for k in arrays if k not in self._acc]
+            raise ValueError(f"update keys differ from the first update's: "
+                             f"missing {missing[:8]}, unexpected {extra[:8]}")
+        flats: dict[str, np.ndarray] = {}
+        for key, shape in self._shapes.items():
+            value = np.asarray(arrays[key])
+            if value.shape != shape:
+                raise ValueError(f"{key!r}: shape {list(value.shape)} != first update's "
+                                 f"{list(shape)}")
+            if not np.issubdtype(value.dtype, np.number) and value.dtype != np.bool_:
+                raise TypeError(f"{key!r}: unsupported dtype {value.dtype}")
+            flats[key] = value.reshape(-1)
+        return flats
+
+    def _fold(self, arrays: Mapping[str, np.ndarray], weight: float, scale: bool) -> None:
+        if self._finished:
+            raise RuntimeError("result() was called; start a new StreamingWeightedMean")
+        first = not self._acc
+        if first:
+            self._allocate(arrays)
+        try:
+            flats = self._check(arrays)
+        except (TypeError, ValueError):
+            if first:  # a bad first update leaves nothing behind
+                self._acc, self._shapes, self._dtypes = {}, {}, {}
+            raise
+        mode = "init" if first else ("axpy" if scale else "add")
+        if first and not scale:
+            weight = 1.0
+        if len(self._plan) == 1:
+            self._run_part(0, flats, weight, mode)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(len(self._plan) - 1,
+                                            thread_name_prefix="streaming-mean")
+        futures = [self._pool.submit(self._run_part, i, flats, weight, mode)
+                   for i in range(1, len(self._plan))]
+        self._run_part(0, flats, weight, mode)
+        for future in futures:
+            future.result()
+
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+        """Fold in one update with weight `weight` (finite, > 0)."""
+        weight = _check_weight(weight)
+        self._fold(arrays, weight, scale=True)
+        self.count += 1
+        self.total_weight += weight
+
+    def merge(self, sums: Mapping[str, np.ndarray], total_weight: float, count: int = 1) -> None:
+        """Fold in already weighted sums (``sum_i w_i a_i`` of `count` updates, weight total)."""
+        total_weight = _check_weight(total_weight)
+        self._fold(sums, total_weight, scale=False)
+        self.count += count
+        self.total_weight += total_weight
+
+    def close(self) -> None:
+        """Stop the worker threads (if any); `result()` does this too."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    # -- results ------------------------------------------------------------------------------
+
+    def sums(self) -> dict[str, np.ndarray]:
+        """The weighted sums ``sum_i w_i a_i`` (views of the accumulators, in their shapes)."""
+        return {key: acc.reshape(self._shapes[key]) for key, acc in self._acc.items()}
+
+    def result(self, like: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The weighted mean, in `like`'s key order and dtypes (default: the first update's).
+
+        Consumes the accumulators (divided in place); further `add` calls raise.
+        """
+        if not self._acc or self.count == 0:
+            raise ValueError("no updates were added")
+        self.close()
+        if like is not None:
+            if like.keys() != self._acc.keys():
+                raise ValueError("`like` has other keys than the updates")
+            order = list(like)
+            dtypes = {key: np.asarray(like[key]).dtype for key in order}
+        else:
+            order, dtypes = list(self._acc), self._dtypes
+        self._finished = True
+        self._plan = []  # its views would keep every accumulator alive until the end
+        out: dict[str, np.ndarray] = {}
+        for key in order:
+            out[key] = finalize(self._acc.pop(key), self.total_weight, dtypes[key],
+                                self._shapes[key])
+        self._scratch = []
+        return out
+
+
+def finalize(total: np.ndarray, total_weight: float, dtype: np.dtype,
+             shape: tuple[int, ...]) -> np.ndarray:
+    """``total / total_weight`` as `dtype` in `shape` (integers rounded to nearest).
+
+    One pass: divides in place when `total` is writable and already has `dtype`, else
+    straight into a new array of `dtype` (a read-only `total`, e.g. from Ray's object
+    store, is never copied first).
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        if total.flags.writeable and total.dtype == dtype:
+            np.divide(total, total_weight, out=total)
+            return total.reshape(shape)
+        out = np.empty(total.shape, dtype)
+        np.divide(total, total_weight, out=out, casting="same_kind")
+        return out.reshape(shape)
+    if total.flags.writeable and total.dtype == np.float64:
+        mean = np.divide(total, total_weight, out=total)
+    else:
+        mean = np.empty(total.shape, np.float64)  # an array even for 0-d totals
+        np.divide(total, total_weight, out=mean)
+    np.rint(mean, out=mean)
+    return mean.astype(dtype).reshape(shape)
+
+
+def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], float]], *,
+                  like: Mapping[str, np.ndarray] | None = None,
+                  accumulate_dtype: str | np.dtype = "float64",
+                  threads: int = 1) -> dict[str, np.ndarray]:
+    """Weighted mean of ``(arrays, weight)`` pairs, consumed one at a time."""
+    acc = StreamingWeightedMean(accumulate_dtype, threads=threads)
+    try:
+        for arrays, weight in updates:
+            acc.add(arrays, weight)
+        return acc.result(like)
+    finally:
+        acc.close()
