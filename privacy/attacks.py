@@ -12,7 +12,7 @@ client's.
   X_p to the judge's embedding of the original face.
 * Fixed permutation (attack 4): an inverter trained on views made with ONE known theta, then
   tested on that theta and on fresh CSPRNG permutations.
-* Gradient inversion (attack 5): not implemented.
+* Gradient inversion of shipped updates (attack 5): `privacy.gradient_inversion`.
 
 Faces are float tensors (N, 3, 112, 112) in [-1, 1] (the model convention) or uint8 NHWC arrays;
 views and recovered images are in [0, 1].

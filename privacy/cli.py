@@ -13,6 +13,9 @@ federation.protocol.RUN_CONFIG_DEFAULTS plus "num-clients"), or, without that fi
 --fed-preset.  The auxiliary set is M identities (>= 2 images) from outside client K.
 Without --judge, an unprotected judge recognizer is trained on the auxiliary identities first
 (minusface.trainer "baseline" recipe) and the report says so.
+Update leakage (gradient inversion, privacy.gradient_inversion) runs with the preset's gi_images /
+gi_steps (override: --gi-images, --gi-steps; --gi-images 0 disables it).  In run mode the attacked
+recognizer is the run's final stage-2 f_p (RUN_DIR/final/models.pt) when present, else a fresh one.
 
 `add_parser(subparsers)` registers the subcommand; everything heavy is imported lazily.
 """
@@ -46,6 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-identities", type=int, default=40)
     p.add_argument("--fed-preset", default="tiny", help="training preset of the run")
     p.add_argument("--width", type=int, default=4, help="generator w when no weights (test only)")
+    p.add_argument("--gi-images", type=int, metavar="B", help="faces in the attacked client "
+                                                                 "step (0 = no gradient inversion)")
+    p.add_argument("--gi-steps", type=int, metavar="N", help="gradient-inversion steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_cli)
@@ -133,6 +139,27 @@ def _frontend(args):
     return MinusFaceFrontend(width=args.width), f"untrained generator (w = {args.width})"
 
 
+def run_recognizer(args):
+    """(stage-2 recognizer f_p of --run, description) or (None, "") when there is none."""
+    if not args.run:
+        return None, ""
+    path = Path(args.run) / "final" / "models.pt"
+    if not path.is_file():
+        return None, ""
+    import torch
+
+    from federation.protocol import unflatten
+    from minusface.backbones import build_backbone
+    from minusface.presets import get_preset
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not ck.get("stage2"):
+        return None, ""
+    preset = get_preset(str(ck.get("preset", "tiny")))
+    net = build_backbone(preset.backbone, 3, width=preset.backbone_width)
+    net.load_state_dict(unflatten(ck["stage2"], "recognizer"))
+    return net, f"the run's final stage-2 recognizer f_p ({path})"
+
+
 def load_judge(path: str):
     """Recognizer of a minusface.trainer checkpoint (baseline recipe) -> module in eval mode."""
     import torch
@@ -169,11 +196,15 @@ def run_cli(args: argparse.Namespace) -> int:
     from .report import evaluate_client, get_privacy_config, write_report, write_summary
 
     config = get_privacy_config(args.preset)
+    overrides = {k: v for k, v in (("gi_images", args.gi_images), ("gi_steps", args.gi_steps))
+                 if v is not None}
+    config = config.with_(**overrides)
     out = Path(args.out)
     progress = not args.quiet
     frontend, g_info = _frontend(args)
     root, clients, ids, source = _client_sets(args)
     print(f"generator: {g_info}\nclients: {source}")
+    gi_net, gi_info = run_recognizer(args)
 
     results = {}
     judge, judge_info = None, ""
@@ -193,7 +224,8 @@ def run_cli(args: argparse.Namespace) -> int:
                           f"{len(aux_ids)} auxiliary identities; weights in {out / 'judge'}")
         result = evaluate_client(frontend, c_img, c_lab, a_img, judge_embed_fn(judge), config,
                                  seed=args.seed, progress=progress, client_identities=client_ids,
-                                 aux_identities=aux_ids, judge_info=judge_info, client_name=name)
+                                 aux_identities=aux_ids, judge_info=judge_info, client_name=name,
+                                 gi_recognizer=gi_net, gi_recognizer_info=gi_info)
         result["generator"] = g_info
         result["source"] = source
         client_dir = out / name if len(clients) > 1 else out

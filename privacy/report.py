@@ -12,7 +12,12 @@ client's), then scores the client's faces:
   fixed-theta/fresh           X_p, fresh CSPRNG theta               same inverter (4b)
   linkage                     X_p                                   FaceLinkGen-style student (attack 3)
   mean-face guess             -                                     the mean auxiliary face (reference)
-  gradient inversion          -                                     not run (attack 5 not implemented)
+
+Update leakage (attack 5, `privacy.gradient_inversion`, own section "gradient_inversion"): one
+client update (one SGD step on B = gi_images faces) of the recognizer, without protection and
+in MinusFace stage 2 (input X_p), inverted with Geiping et al.'s cosine + TV attack by an
+OPTIMISTIC attacker given the private head and the labels; reconstructions are compared with
+the faces and with X_p, and chained through the minusface inverter above.
 
 Pixel metrics compare recovered faces with the originals; identity metrics use the judge
 recognizer (recovered_i vs original_i genuine, other identities impostor; rank-1 in the gallery
@@ -33,6 +38,7 @@ import torch
 
 from minusface.frontend import MinusFaceFrontend
 
+from . import gradient_inversion as gi
 from .attacks import (as_faces, random_permutation, recover, student_embed_fn, to_unit,
                       train_inverter, train_linkage_student, views_fn, views_from_residue)
 from .metrics import identity_match, identity_match_embeddings, pixel_metrics
@@ -41,8 +47,8 @@ PIXEL_ROWS = ("none", "no-shuffle", "no-subtraction", "minusface", "fixed-theta/
               "fixed-theta/fresh")
 COLUMNS = (("ssim", "SSIM"), ("ms_ssim", "MS-SSIM"), ("psnr", "PSNR (dB)"),
            ("tar@0.01", "TAR@1e-2"), ("tar@0.001", "TAR@1e-3"), ("rank1", "rank-1"))
-NOT_RUN = {"gradient-inversion": "not run: attack 5 (gradient inversion of federated updates) "
-                                 "is not implemented"}
+GI_COLUMNS = COLUMNS + (("grad_cos", "grad cos"),)
+GI_DISABLED = {"gradient-inversion": "not run: disabled (gi_images = 0)"}
 FIXED_THETA_SEED = 1234
 
 
@@ -62,6 +68,14 @@ class PrivacyConfig:
     judge_epochs: int = 1
     fresh_views: bool = True      # new permutations every epoch (attacker queries the pipeline)
     grid_rows: int = 6
+    # update leakage (gradient inversion, privacy.gradient_inversion); gi_images = 0 disables it
+    gi_images: int = 2            # B: faces in the one attacked client step (1..4 typical)
+    gi_steps: int = 32            # attack steps on the deployed recognizer architecture
+    gi_probe_steps: int = 200     # attack steps on the leaky linear probe (0 = no probe)
+    gi_lr: float = 0.05           # Adam on the dummy images
+    gi_tv: float = 0.01           # total-variation weight
+    gi_signed: bool = True        # Adam on the sign of the input gradient (Geiping et al.)
+    gi_preset: str = "tiny"       # recognizer architecture when no weights are given
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,15 +88,19 @@ PRIVACY_PRESETS: dict[str, PrivacyConfig] = {
     # seconds on a CPU: checks that the pipeline runs, numbers mean nothing
     "tiny": PrivacyConfig("tiny", inverter_width=4, inverter_epochs=2, batch_size=8,
                           linkage_width=8, linkage_epochs=1, aux_images=48, eval_images=24,
-                          judge_preset="tiny", judge_epochs=1),
+                          judge_preset="tiny", judge_epochs=1, gi_images=2, gi_steps=32,
+                          gi_probe_steps=200, gi_preset="tiny"),
     # about an hour on 2 CPU cores
     "cpu-small": PrivacyConfig("cpu-small", inverter_width=16, inverter_epochs=10, batch_size=32,
                                linkage_width=16, linkage_epochs=10, aux_images=2000,
-                               eval_images=400, judge_preset="cpu-small", judge_epochs=2),
+                               eval_images=400, judge_preset="cpu-small", judge_epochs=2,
+                               gi_images=4, gi_steps=300, gi_probe_steps=1000,
+                               gi_preset="cpu-small"),
     # GPU: full-width U-Net (paper's attacker), batch 64, all data
     "paper": PrivacyConfig("paper", inverter_width=64, inverter_epochs=50, batch_size=64,
                            linkage_backbone="ir50", linkage_width=64, linkage_epochs=20,
-                           aux_images=0, eval_images=0, judge_preset="paper", judge_epochs=24),
+                           aux_images=0, eval_images=0, judge_preset="paper", judge_epochs=24,
+                           gi_images=4, gi_steps=8000, gi_probe_steps=4000, gi_preset="paper"),
 }
 
 
@@ -118,8 +136,12 @@ def attacker_description(config: PrivacyConfig, n_aux: int, n_aux_ids: int | Non
                    f"{config.lr:g}, batch {config.batch_size}, {config.linkage_epochs} epoch(s)",
         "fixed_theta": f"inverter as above trained on X_p made with one known permutation "
                        f"(seed {FIXED_THETA_SEED}); tested on that theta and on fresh CSPRNG ones",
-        "not_run": dict(NOT_RUN),
+        "not_run": _not_run(config),
     }
+
+
+def _not_run(config: PrivacyConfig) -> dict:
+    return dict(GI_DISABLED) if config.gi_images <= 0 else {}
 
 
 def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np.ndarray,
@@ -129,12 +151,17 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
                     config: PrivacyConfig, *, seed: int = 0, progress: bool = True,
                     client_identities: Sequence[str] | None = None,
                     aux_identities: Sequence[str] | None = None,
-                    judge_info: str = "", client_name: str = "client") -> dict:
+                    judge_info: str = "", client_name: str = "client",
+                    gi_recognizer: torch.nn.Module | None = None,
+                    gi_recognizer_info: str = "") -> dict:
     """Every attack against one client's faces; returns {metrics per row, attacker, config, ...}.
 
     ``judge_embed`` maps images in [0, 1] to embeddings (see `attacks.judge_embed_fn`).  When the
     identity names are given, the auxiliary and client identities must be disjoint.  The returned
     dict holds the grid images under the private key "_images" (not written to JSON).
+
+    Update leakage (``config.gi_images > 0``): `gi_recognizer` is the 3-channel recognizer whose
+    update is attacked (e.g. the run's f_p); None = a fresh one of ``config.gi_preset``.
     """
     if client_identities is not None and aux_identities is not None:
         common = set(client_identities) & set(aux_identities)
@@ -176,11 +203,13 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
                                 **identity_match_embeddings(judge_embed(x_p), judge_orig, labels)}
 
     # Attacks 1/2 and the ablation baselines: one inverter per view kind.
+    inverters = {}
     for kind in ("none", "no-shuffle", "no-subtraction", "minusface"):
         fn = views_fn(frontend, kind)
         inv = train_inverter(fn, aux, config.inverter_epochs, config.batch_size, config.lr,
                              config.inverter_width, seed=seed, fresh_views=config.fresh_views,
                              progress=progress, desc=f"inverter [{kind}]")
+        inverters[kind] = inv
         score(kind, recover(inv, eval_view[kind] if kind in eval_view else fn(faces)))
 
     # Attack 4: one known theta.
@@ -202,6 +231,15 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     mean_face = to_unit(aux).mean(0, keepdim=True).expand_as(originals).contiguous()
     score("mean-face guess", mean_face)
 
+    # Attack 5: update leakage (gradient inversion of one client step).
+    gi_result = None
+    if config.gi_images > 0:
+        gi_result = run_gradient_inversion(frontend, faces, labels, config, judge_embed,
+                                           inverters["minusface"], seed=seed, progress=progress,
+                                           recognizer=gi_recognizer,
+                                           recognizer_info=gi_recognizer_info)
+        images["gi"] = gi_result.pop("_images")
+
     return {
         "client": client_name,
         "config": config.to_dict(),
@@ -212,10 +250,50 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
         "n_eval_identities": int(len(np.unique(labels))),
         "n_aux_images": int(len(aux)),
         "metrics": rows,
-        "not_run": dict(NOT_RUN),
+        "gradient_inversion": gi_result,
+        "not_run": _not_run(config),
         "seconds": time.perf_counter() - t0,
         "_images": images,
     }
+
+
+def run_gradient_inversion(frontend: MinusFaceFrontend, faces: torch.Tensor, labels: np.ndarray,
+                           config: PrivacyConfig,
+                           judge_embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           inverter: torch.nn.Module | None = None, *, seed: int = 0,
+                           progress: bool = False, recognizer: torch.nn.Module | None = None,
+                           recognizer_info: str = "") -> dict:
+    """The update-leakage section: `gradient_inversion.evaluate_gradient_inversion` with the
+    config's budget, plus the attacker description and one verdict line per recognizer."""
+    from minusface.backbones import build_backbone
+    from minusface.heads import build_head
+    from minusface.presets import get_preset
+
+    preset = get_preset(config.gi_preset)
+    n_classes = max(2, int(len(np.unique(labels))))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 11)
+        if recognizer is None:
+            recognizer = build_backbone(preset.backbone, 3, width=preset.backbone_width)
+            recognizer_info = (f"freshly initialised {preset.backbone} (w = "
+                               f"{preset.backbone_width}) of preset {preset.name!r}")
+        head = build_head(preset.head, 512, n_classes, s=preset.head_s, m=preset.head_m)
+    frontend.eval()
+    res = gi.evaluate_gradient_inversion(
+        faces, labels, frontend.protect, recognizer, head, images=config.gi_images,
+        steps=config.gi_steps, lr=config.gi_lr, tv=config.gi_tv, signed=config.gi_signed,
+        probe_steps=config.gi_probe_steps, client_lr=preset.lr,
+        weight_decay=preset.weight_decay, judge_embed=judge_embed, inverter=inverter, seed=seed,
+        progress=progress)
+    res["attacker"] = gi.describe_attacker(config.gi_images, config.gi_steps, config.gi_lr,
+                                           config.gi_tv, config.gi_signed, config.gi_probe_steps,
+                                           recognizer_info or "recognizer supplied by the caller")
+    res["attacker"]["client_step"] = (f"SGD lr {preset.lr:g}, momentum 0.9, weight decay "
+                                      f"{preset.weight_decay:g} (preset {preset.name!r})")
+    res["verdict"] = [gi.verdict(res["metrics"], "gi")]
+    if config.gi_probe_steps > 0:
+        res["verdict"].append(gi.verdict(res["metrics"], "gi-probe"))
+    return res
 
 
 # --------------------------------------------------------------------------- writing
@@ -228,11 +306,12 @@ def _fmt(v: object, key: str) -> str:
     return f"{v:.3f}"
 
 
-def _table(metrics: dict[str, dict], first: str = "attack / baseline") -> list[str]:
-    lines = [f"| {first} | " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+def _table(metrics: dict[str, dict], first: str = "attack / baseline",
+           columns: tuple = COLUMNS) -> list[str]:
+    lines = [f"| {first} | " + " | ".join(h for _, h in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for name, m in metrics.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), k) for k, _ in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), k) for k, _ in columns) + " |")
     return lines
 
 
@@ -250,12 +329,15 @@ def _json_safe(obj: object) -> object:
 
 def write_grid(images: dict[str, torch.Tensor], path: Path, rows: int = 6) -> Path:
     """PNG grid: columns original | X_p | recovered by each pixel attack; `rows` faces."""
+    return _grid(images, [c for c in ("original", "X_p", *PIXEL_ROWS) if c in images], path, rows)
+
+
+def _grid(images: dict[str, torch.Tensor], cols: list[str], path: Path, rows: int) -> Path:
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    cols = [c for c in ("original", "X_p", *PIXEL_ROWS) if c in images]
-    n = min(rows, images["original"].shape[0])
+    n = min(rows, images[cols[0]].shape[0])
     fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 1.4 * n), squeeze=False)
     for j, c in enumerate(cols):
         for i in range(n):
@@ -272,6 +354,26 @@ def write_grid(images: dict[str, torch.Tensor], path: Path, rows: int = 6) -> Pa
     return path
 
 
+def write_gi_grid(images: dict[str, torch.Tensor], path: Path) -> Path:
+    """PNG grid of the attacked batch: original | X_p | each gradient-inversion reconstruction."""
+    cols = ["original", "X_p"] + [k for k in images if k not in ("original", "X_p")]
+    return _grid(images, cols, path, images["original"].shape[0])
+
+
+def _gi_section(gi_res: dict) -> list[str]:
+    lines = ["## Update leakage (gradient inversion)", "",
+             f"One client step on B = {gi_res.get('batch_size')} faces "
+             f"({gi_res.get('batch_identities')} identities), attacked without protection "
+             "(`none`) and in MinusFace stage 2 (`minusface`: the recognizer input is X_p). "
+             "`vs X_p` compares the reconstruction with the protected image the recognizer saw; "
+             "`+ inverter` pushes it through the X_p pixel inverter above. `grad cos`: cosine "
+             "between the reconstruction's gradient and the observed one (1 = matched).", "",
+             *_table(gi_res["metrics"], "gradient inversion", GI_COLUMNS), ""]
+    lines += [f"- **verdict**: {v}" for v in gi_res.get("verdict", [])]
+    lines += [f"- **{k}**: {v}" for k, v in gi_res.get("attacker", {}).items()]
+    return lines + [""]
+
+
 def write_report(result: dict, out_dir: str | Path) -> Path:
     """Write privacy.json (every metric), report.md (summary table + attacker) and grid.png."""
     out = Path(out_dir)
@@ -279,6 +381,7 @@ def write_report(result: dict, out_dir: str | Path) -> Path:
     (out / "privacy.json").write_text(json.dumps(_json_safe(result), indent=2, sort_keys=True),
                                       encoding="utf-8")
     cfg, att = result["config"], result["attacker"]
+    gi_res = result.get("gradient_inversion")
     lines = [f"# Privacy evaluation: {result.get('client', 'client')} (preset `{cfg['name']}`)", "",
              f"Evaluated: {result['n_eval_images']} images of {result['n_eval_identities']} "
              f"client identities; attacker data: {result['n_aux_images']} auxiliary images "
@@ -296,9 +399,15 @@ def write_report(result: dict, out_dir: str | Path) -> Path:
     notes = {(r, k): v for r, m in result["metrics"].items() for k, v in m.get("notes", {}).items()}
     if notes:
         lines += ["## Notes", ""] + sorted({f"- {k}: {v}" for (_, k), v in notes.items()}) + [""]
+    if gi_res:
+        lines += _gi_section(gi_res)
     if "_images" in result:
         write_grid(result["_images"], out / "grid.png", cfg.get("grid_rows", 6))
         lines += ["## Samples", "", "![original | X_p | recovered by each attack](grid.png)", ""]
+        if "gi" in result["_images"]:
+            write_gi_grid(result["_images"]["gi"], out / "grid_gi.png")
+            lines += ["![update leakage: original | X_p | gradient-inversion reconstructions]"
+                      "(grid_gi.png)", ""]
     if cfg["name"] == "tiny":
         lines.insert(2, "> **Preset `tiny`: a smoke test. These numbers say nothing about "
                         "privacy.**\n")
@@ -312,7 +421,9 @@ def write_summary(results_by_client: dict[str, dict], out_dir: str | Path) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(
         json.dumps(_json_safe({c: {"metrics": r["metrics"], "n_eval_images": r["n_eval_images"],
-                                   "n_aux_images": r["n_aux_images"]}
+                                   "n_aux_images": r["n_aux_images"],
+                                   "gradient_inversion": (r.get("gradient_inversion") or {}
+                                                          ).get("metrics")}
                                for c, r in results_by_client.items()}), indent=2, sort_keys=True),
         encoding="utf-8")
     lines = ["# Privacy evaluation: all clients", ""]
@@ -323,8 +434,17 @@ def write_summary(results_by_client: dict[str, dict], out_dir: str | Path) -> Pa
         for name, m in r["metrics"].items():
             lines.append(f"| {client} | {name} | "
                          + " | ".join(_fmt(m.get(k), k) for k, _ in COLUMNS) + " |")
+    gi_rows = [(c, n, m) for c, r in results_by_client.items()
+               for n, m in ((r.get("gradient_inversion") or {}).get("metrics") or {}).items()]
+    if gi_rows:
+        lines += ["", "## Update leakage (gradient inversion)", "",
+                  "| client | gradient inversion | " + " | ".join(h for _, h in GI_COLUMNS) + " |",
+                  "|---" * (len(GI_COLUMNS) + 2) + "|"]
+        lines += [f"| {c} | {n} | " + " | ".join(_fmt(m.get(k), k) for k, _ in GI_COLUMNS) + " |"
+                  for c, n, m in gi_rows]
     lines += ["", "Per-client reports (attacker, judge, samples): `<client>/report.md`.", ""]
-    for name, why in NOT_RUN.items():
+    not_run = {k: v for r in results_by_client.values() for k, v in r.get("not_run", {}).items()}
+    for name, why in not_run.items():
         lines.append(f"- **{name}**: {why}")
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "summary.md"

@@ -15,7 +15,8 @@ from minusface.frontend import MinusFaceFrontend
 from privacy.attacks import (VIEW_KINDS, as_faces, judge_embed_fn, make_views, random_permutation, recover,
                              to_unit, train_inverter, views_fn)
 from privacy.metrics import identity_match, ms_ssim, psnr, ssim
-from privacy.report import PRIVACY_PRESETS, evaluate_client, write_report, write_summary
+from privacy.report import (PRIVACY_PRESETS, attacker_description, evaluate_client, write_report,
+                            write_summary)
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +123,8 @@ def test_inverter_recovers_unprotected_faces(lfw_faces):
 def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
     aux, client, labels, client_ids, aux_ids = lfw_faces
     cfg = PRIVACY_PRESETS["tiny"].with_(inverter_epochs=1, aux_images=8, eval_images=6,
-                                        batch_size=4, linkage_width=8, grid_rows=3)
+                                        batch_size=4, linkage_width=8, grid_rows=3,
+                                        gi_images=2, gi_steps=2, gi_probe_steps=10)
     torch.manual_seed(0)
     judge = build_backbone("ir18", 3, width=8).eval()       # untrained: only the plumbing counts
     with pytest.raises(ValueError):
@@ -141,12 +143,19 @@ def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
     report = write_report(result, tmp_path / "client")
     data = json.loads((tmp_path / "client" / "privacy.json").read_text())
     assert "_images" not in data and data["metrics"]["minusface"]["ssim"] == rows["minusface"]["ssim"]
-    assert "gradient-inversion" in data["not_run"]
+    assert data["not_run"] == {}
+    gi_rows = data["gradient_inversion"]["metrics"]
+    assert {"gi/none", "gi/minusface", "gi/minusface vs X_p", "gi/minusface + inverter",
+            "gi-probe/none", "reference: grey guess"} <= set(gi_rows)
+    assert "optimistic" in data["gradient_inversion"]["attacker"]
     text = report.read_text()
-    assert "| minusface |" in text and "Adam lr 0.001" in text and "not run" in text
+    assert "| minusface |" in text and "Adam lr 0.001" in text
+    assert "## Update leakage (gradient inversion)" in text and "| gi/minusface vs X_p |" in text
+    assert "grid_gi.png" in text and (tmp_path / "client" / "grid_gi.png").is_file()
     assert list((tmp_path / "client").glob("*.png"))
     summary = write_summary({"client-0": result, "client-1": result}, tmp_path)
-    assert summary.read_text().count("| client-1 |") == len(rows)
+    assert summary.read_text().count("| client-1 |") == len(rows) + len(gi_rows)
+    assert "gradient-inversion" in attacker_description(cfg.with_(gi_images=0), 8, None)["not_run"]
 
 
 def test_cli_parser_registers_privacy_eval():

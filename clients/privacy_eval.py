@@ -1,0 +1,135 @@
+"""A site's privacy evaluation on its OWN faces (the "evaluate.privacy" Flower action).
+
+The server sends the frozen global generator g (and, when it has one, the global stage-2
+recognizer f_p); the site runs every attack of `privacy.report.evaluate_client` (pixel
+inverters, linkage, fixed theta, update leakage / gradient inversion) locally and returns only
+aggregate numbers: no images, no arrays, no identity names.
+
+Where the attacker's auxiliary data comes from (honest and local): the site splits its OWN
+identities, with a seeded permutation, into two disjoint halves:
+
+  attacker-aux  floor(K / 2) identities: the attacker's (view, face) training pairs and the
+                unprotected judge recognizer trained here (preset `judge_preset`)
+  evaluated     the other ceil(K / 2) identities: the faces every attack is scored on
+
+so no face of an evaluated identity is ever seen by an attacker model, and no face leaves the
+site.  The attacker is thus weaker than one with a large public face set (it sees only K / 2
+identities); the metric "aux-own-identities" = 1 records this choice in every reply.  A site with
+fewer than 3 identities replies {"privacy-skipped": 1, "n-identities": K}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from privacy.report import PrivacyConfig, get_privacy_config
+
+METRIC_KEYS = ("ssim", "ms_ssim", "psnr", "tar@0.01", "tar@0.001", "rank1", "grad_cos")
+
+
+def privacy_config(base: str, overrides: Mapping[str, object] | None = None) -> PrivacyConfig:
+    """Preset `base`, with any PrivacyConfig field given as "<field-with-dashes>": value."""
+    config = get_privacy_config(base)
+    changes = {}
+    for f in dataclasses.fields(PrivacyConfig):
+        key = f.name.replace("_", "-")
+        if overrides and key in overrides and f.name != "name":
+            value = overrides[key]
+            default = getattr(config, f.name)
+            if isinstance(default, bool):
+                value = bool(value)
+            elif isinstance(default, int) and not isinstance(default, bool):
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+            elif default is None or isinstance(default, str):
+                value = value if default is None else str(value)
+            changes[f.name] = value
+    return config.with_(**changes)
+
+
+def split_identities(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(attacker-aux label ids, evaluated label ids): disjoint halves of the site's identities."""
+    ids = np.unique(np.asarray(labels))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_aux = len(ids) // 2
+    return np.sort(ids[order[:n_aux]]), np.sort(ids[order[n_aux:]])
+
+
+def flatten_metrics(result: dict) -> dict[str, float | int]:
+    """evaluate_client's result -> {"<row>/<metric>": number} (numbers only, no strings)."""
+    out: dict[str, float | int] = {}
+    sections = [result.get("metrics", {})]
+    gi = result.get("gradient_inversion")
+    if gi:                                    # its rows are named "gi/...", "gi-probe/...", ...
+        sections.append(gi.get("metrics", {}))
+        out["gi-batch-size"] = int(gi.get("batch_size", 0))
+    for rows in sections:
+        for row, m in rows.items():
+            for k in METRIC_KEYS:
+                v = m.get(k)
+                if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+                    out[f"{row}/{k}"] = float(v)
+    out.update({"n-eval-images": int(result["n_eval_images"]),
+                "n-eval-identities": int(result["n_eval_identities"]),
+                "n-aux-images": int(result["n_aux_images"]),
+                "seconds": float(result["seconds"])})
+    return out
+
+
+def site_privacy_metrics(images: np.ndarray, labels: np.ndarray, generator_state: Mapping,
+                         config: PrivacyConfig, *, seed: int = 0,
+                         recognizer_state: Mapping | None = None,
+                         recognizer_preset: str | None = None,
+                         progress: bool = False) -> dict[str, float | int]:
+    """All attacks on this site's faces; returns only numbers (see module docstring).
+
+    ``images``: uint8 (N, 112, 112, 3); ``labels``: identity ids; ``generator_state``: the
+    generator's state dict (keys without the "generator." prefix); ``recognizer_state``: f_p's
+    state dict (keys without "recognizer.") of training preset ``recognizer_preset`` (default
+    ``config.gi_preset``), or None for a fresh one of ``config.gi_preset``.
+    """
+    from minusface.backbones import build_backbone
+    from minusface.frontend import MinusFaceFrontend
+    from minusface.generator import UNetGenerator
+    from minusface.presets import get_preset
+    from privacy.attacks import judge_embed_fn
+    from privacy.cli import train_judge
+    from privacy.report import evaluate_client
+
+    labels = np.asarray(labels).ravel()
+    aux_ids, eval_ids = split_identities(labels, seed)
+    if len(aux_ids) < 1 or len(eval_ids) < 2:
+        return {"privacy-skipped": 1, "n-identities": int(len(np.unique(labels)))}
+    aux_mask, eval_mask = np.isin(labels, aux_ids), np.isin(labels, eval_ids)
+    aux_images = images[aux_mask]
+    _, aux_labels = np.unique(labels[aux_mask], return_inverse=True)
+
+    g = UNetGenerator(width=int(generator_state["enc1.0.weight"].shape[0]))
+    g.load_state_dict(dict(generator_state))
+    frontend = MinusFaceFrontend(generator=g).eval()
+    gi_net, gi_info = None, ""
+    if recognizer_state is not None:
+        preset = get_preset(recognizer_preset or config.gi_preset)
+        gi_net = build_backbone(preset.backbone, 3, width=preset.backbone_width)
+        gi_net.load_state_dict(dict(recognizer_state))
+        gi_info = "the global stage-2 recognizer f_p sent by the server"
+    with tempfile.TemporaryDirectory(prefix="minusfed-privacy-") as tmp:
+        judge = train_judge(aux_images, aux_labels.astype(np.int64), config, tmp, seed, progress)
+    result = evaluate_client(frontend, images[eval_mask], labels[eval_mask], aux_images,
+                             judge_embed_fn(judge), config, seed=seed, progress=progress,
+                             judge_info="unprotected judge trained on the site's attacker-aux "
+                                        "half", gi_recognizer=gi_net, gi_recognizer_info=gi_info)
+    out = flatten_metrics(result)
+    out.update({"aux-own-identities": 1, "n-aux-identities": int(len(aux_ids))})
+    return out
+
+
+def generator_from_record(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys "generator.<k>" (the frozen-generator record) -> "<k>"."""
+    return {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}

@@ -1,0 +1,121 @@
+"""Server side of the privacy evaluation: ask every site to attack its own faces.
+
+After training (run config "privacy-eval" = true) the ServerApp sends one "evaluate.privacy"
+message to every node: "frozen-generator" (the global g, keys "generator.*"), "arrays" (the
+global stage-2 recognizer f_p, keys "recognizer.*", when there is one) and "config"
+{"privacy-preset": the run's preset, "seed": ...} plus optional PrivacyConfig overrides written
+"<field-with-dashes>" (e.g. "gi-steps").  Each site runs `clients.privacy_eval` locally and
+replies with one MetricRecord "privacy" of numbers only (the outbound guard refuses anything
+else).  This module writes, under `<out-dir>/privacy/`:
+
+  node-<id>.json   the numbers of one site (or its error)
+  summary.json     all sites
+  summary.md       one table: site x attack row, SSIM / PSNR / TAR@1e-2 / rank-1 (+ grad cos)
+
+The attacker data of each site is half of its own identities (see clients.privacy_eval).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from federation.protocol import ARRAYS, CONFIG, FROZEN_GENERATOR
+
+PRIVACY_ACTION = "privacy"
+PRIVACY_MESSAGE_TYPE = f"evaluate.{PRIVACY_ACTION}"
+PRIVACY_RECORD = "privacy"
+SUMMARY_COLUMNS = (("ssim", "SSIM"), ("psnr", "PSNR (dB)"), ("tar@0.01", "TAR@1e-2"),
+                   ("rank1", "rank-1"), ("grad_cos", "grad cos"))
+
+
+def privacy_messages(node_ids, generator: Mapping[str, torch.Tensor],
+                     recognizer: Mapping[str, torch.Tensor] | None, preset: str, seed: int,
+                     overrides: Mapping[str, object] | None = None) -> list[Message]:
+    """One "evaluate.privacy" message per node (same content for all)."""
+    content = RecordDict({FROZEN_GENERATOR: ArrayRecord(dict(generator)),
+                          CONFIG: ConfigRecord({"privacy-preset": preset, "seed": int(seed),
+                                                **dict(overrides or {})})})
+    if recognizer:
+        content[ARRAYS] = ArrayRecord(dict(recognizer))
+    return [Message(content=content, dst_node_id=int(n), message_type=PRIVACY_MESSAGE_TYPE,
+                    group_id="privacy") for n in node_ids]
+
+
+def _safe(v: object) -> object:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _rows(metrics: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """{"<row>/<metric>": v} -> {row: {metric: v}} (rows keep their order)."""
+    rows: dict[str, dict[str, object]] = {}
+    for key, v in metrics.items():
+        if "/" in key:
+            row, metric = key.rsplit("/", 1)
+            rows.setdefault(row, {})[metric] = v
+    return rows
+
+
+def write_privacy_summary(results: Mapping[str, dict], out_dir: Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for node, res in results.items():
+        (out / f"{node}.json").write_text(json.dumps({k: _safe(v) for k, v in res.items()},
+                                                     indent=2, sort_keys=True), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(
+        {n: {k: _safe(v) for k, v in r.items()} for n, r in results.items()}, indent=2,
+        sort_keys=True), encoding="utf-8")
+    lines = ["# Privacy evaluation on the sites (evaluate.privacy)", "",
+             "Each site attacked its own faces with the global g; the attacker trained on half "
+             "of the site's identities, the other half was evaluated (clients/privacy_eval.py). "
+             "Only these numbers left the sites. Rows `gi/...`: update leakage (gradient "
+             "inversion, optimistic attacker given the private head and labels).", "",
+             "| site | attack / baseline | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " |",
+             "|---" * (len(SUMMARY_COLUMNS) + 2) + "|"]
+    for node, res in results.items():
+        if "error" in res:
+            lines.append(f"| {node} | error: {res['error']} |" + " |" * len(SUMMARY_COLUMNS))
+            continue
+        if res.get("privacy-skipped"):
+            lines.append(f"| {node} | skipped: {res.get('n-identities')} identities |"
+                         + " |" * len(SUMMARY_COLUMNS))
+            continue
+        for row, m in _rows(res).items():
+            cells = []
+            for k, _ in SUMMARY_COLUMNS:
+                v = m.get(k)
+                cells.append("n/a" if not isinstance(v, (int, float)) or not math.isfinite(v)
+                             else (f"{v:.2f}" if k == "psnr" else f"{v:.3f}"))
+            lines.append(f"| {node} | {row} | " + " | ".join(cells) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "summary.md"
+
+
+def run_privacy_round(grid, out_dir: str | Path, generator: Mapping[str, torch.Tensor],
+                      recognizer: Mapping[str, torch.Tensor] | None, preset: str, seed: int = 0,
+                      overrides: Mapping[str, object] | None = None,
+                      timeout: float | None = None) -> Path:
+    """Send "evaluate.privacy" to every node, collect the MetricRecords, write the files above.
+
+    ``generator``: keys "generator.*" (as in the frozen-generator record); ``recognizer``: keys
+    "recognizer.*" (stage-2 shared weights) or None.  Returns the path of summary.md."""
+    node_ids = sorted(grid.get_node_ids())
+    messages = privacy_messages(node_ids, generator, recognizer, preset, seed, overrides)
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    results: dict[str, dict] = {}
+    for reply in replies:
+        node = f"node-{reply.metadata.src_node_id}"
+        if reply.has_error():
+            results[node] = {"error": str(reply.error.reason)[:500]}
+        elif PRIVACY_RECORD in reply.content:
+            results[node] = dict(reply.content[PRIVACY_RECORD])
+        else:
+            results[node] = {"error": f"reply without a {PRIVACY_RECORD!r} MetricRecord"}
+    for n in node_ids:
+        results.setdefault(f"node-{n}", {"error": "no reply"})
+    return write_privacy_summary(results, Path(out_dir) / "privacy")
