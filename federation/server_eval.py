@@ -44,8 +44,15 @@ class ServerEvaluator:
         recipe = "stage1" if stage == STAGE1 else "stage2"
         models = build_models(recipe, preset, num_classes=2, generator=generator)
         load_shared({"recognizer": models.recognizer}, shared)
-        m = evaluate_verification(models, self.faces, self.idx_a, self.idx_b, self.same,
-                                  folds=self.folds, device=torch.device("cpu"))
+        try:
+            m = evaluate_verification(models, self.faces, self.idx_a, self.idx_b, self.same,
+                                      folds=self.folds, device=torch.device("cpu"))
+        except ValueError as exc:    # non-finite embeddings, e.g. a model swamped by DP noise
+            if "NaN or infinite" not in str(exc):
+                raise
+            nan = float("nan")
+            m = {"accuracy": nan, "accuracy_std": nan, "auc": nan,
+                 "tar_at_far": {0.01: {"tar": nan}, 0.001: {"tar": nan}}}
         return {"server_accuracy": m["accuracy"], "server_accuracy_std": m["accuracy_std"],
                 "server_auc": m["auc"], "server_tar_at_far_1e-2": m["tar_at_far"][0.01]["tar"],
                 "server_tar_at_far_1e-3": m["tar_at_far"][0.001]["tar"],

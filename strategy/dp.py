@@ -1,0 +1,431 @@
+"""Central differential privacy for MinusFed: Flower's client-side fixed clipping wrapper,
+Flower's RDP accountant, and a per-client privacy-budget ledger (`dp_ledger.json`).
+
+Mechanism (DP-FedAvg, McMahan et al. 2018): each sampled site clips its update to L2 norm
+`C` (`clients/dp.py`, Flower's `fixedclipping_mod`), the server averages the m sampled updates
+with equal weights and adds Gaussian noise of std `z * C / m` to the average (Flower's
+`DifferentialPrivacyClientSideFixedClipping`).  Nothing here reimplements noise, clipping or
+accounting: this module only wires Flower's pieces to MinusFed and writes the ledger.
+
+Why not Flower's built-in `accountant=` argument: in 1.42 the wrapper accepts an accountant
+only for a strategy whose `aggregate_train` *is* `FedAvg.aggregate_train` (ours validates
+replies first), only with `sampling_method="no-amplification"`, and only with equal
+`num-examples` across clients.  So the wrapper runs without one and `AccountedClientSide
+FixedClipping` composes one event per released aggregate into Flower's own `RdpAccountant`
+(backend: Google's `dp-accounting`, extra `flwr[dp]`).
+
+Accounting model: FedAvg samples m of the N nodes uniformly without replacement, so the
+accountant uses Flower's pairing `without-replacement` + `replace-one` (client-level DP with
+respect to replacing one client's whole update).  Under replace-one the sum of clipped
+updates has L2 sensitivity 2C, so the Gaussian event is composed with noise multiplier z / 2
+(noise std / sensitivity); if fewer than m updates are averaged (rejected replies) the
+per-round multiplier is z * k / m.  Training and evaluation *metrics* (losses,
+`num-examples`, accuracies) are sent in the clear and are not covered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.supercore.differential_privacy import compute_stdv
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+
+from .aggregation import MetricsAggrFn, SharedKeyFedAvg, normalize_rule
+
+LEDGER_NAME = "dp_ledger.json"
+DP_WEIGHT_KEY = "dp-uniform-weight"
+REPLACE_ONE_SENSITIVITY = 2.0      # ||u - u'|| <= 2C when one clipped update is replaced
+
+NOTES = [
+    "Guarantee: client-level (epsilon, delta)-DP of the sequence of released global models "
+    "(every noised aggregate, including the stage-2 frozen generator, which is post-processing) "
+    "with respect to replacing one client's whole update by any other update of norm <= "
+    "clipping_norm (neighboring relation 'replace-one'). Record-level privacy inside a site is "
+    "at least as strong but is not separately accounted.",
+    "Accountant: Flower's RdpAccountant (flwr.serverapp.RdpAccountant, backend dp-accounting "
+    "RDP), sampling_method 'without-replacement' with sampling rate m/N (FedAvg samples m of N "
+    "nodes uniformly at random each round); the Gaussian event per released round uses noise "
+    "multiplier z/2 because replace-one sensitivity of the sum is 2 * clipping_norm, and "
+    "z * k/m if only k < m updates were averaged. 'epsilon' is the federation-level value and "
+    "applies to every client of the population, sampled or not; it relies on the sampling "
+    "being uniformly random and secret from the adversary.",
+    "Per client, 'epsilon_participation' composes (with the same accountant, "
+    "no-amplification, add-or-remove-one at multiplier z/2, which equals replace-one at z) only "
+    "the released rounds the client was sampled in: a bound that does not rely on the sampling "
+    "being secret. With fraction-train 1.0 both values coincide.",
+    "The server is trusted to add the noise (central DP); sites clip with Flower's "
+    "fixedclipping_mod. Not covered: metrics sent in the clear (train loss, num-examples, "
+    "evaluation accuracy), the choice of clipping_norm if it was tuned on the same data, and "
+    "rounds whose aggregation was skipped (nothing was released). Integer buffers "
+    "(num_batches_tracked) are sent back unchanged; BatchNorm running_var is clamped at 0 after "
+    "noise (post-processing).",
+]
+
+
+@dataclass(frozen=True)
+class DpSettings:
+    """The run-config keys "dp-*" (see `federation/protocol.py`)."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    target_delta: float
+    max_epsilon: float | None
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, object]) -> DpSettings | None:
+        """None when "dp-noise-multiplier" is 0 (DP off); a clear error for bad values."""
+        z = float(values.get("dp-noise-multiplier", 0.0))      # type: ignore[arg-type]
+        if z == 0.0:
+            return None
+        c = float(values.get("dp-clipping-norm", 1.0))         # type: ignore[arg-type]
+        delta = float(values.get("dp-target-delta", 1e-5))     # type: ignore[arg-type]
+        cap = float(values.get("dp-max-epsilon", 0.0))         # type: ignore[arg-type]
+        if not z > 0 or not np.isfinite(z):
+            raise ValueError(f"run config 'dp-noise-multiplier' must be >= 0, got {z}")
+        if not c > 0 or not np.isfinite(c):
+            raise ValueError(f"run config 'dp-clipping-norm' must be > 0 with DP on, got {c}")
+        if not 0 < delta < 1:
+            raise ValueError(f"run config 'dp-target-delta' must be in (0, 1), got {delta}")
+        if cap < 0 or not np.isfinite(cap):
+            raise ValueError(f"run config 'dp-max-epsilon' must be >= 0 (0 = no cap), got {cap}")
+        return cls(z, c, delta, cap or None)
+
+
+def expected_sample_size(num_nodes: int, fraction_train: float, min_train_nodes: int) -> int:
+    """How many nodes FedAvg.configure_train samples per round (its own formula)."""
+    return max(int(num_nodes * fraction_train), min_train_nodes)
+
+
+class _UniformFedAvg(FedAvg):
+    """FedAvg with weight 1 per reply: the noise std z*C/m assumes a plain average."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            if not msg.has_error():
+                for record in msg.content.metric_records.values():
+                    record[DP_WEIGHT_KEY] = 1       # dropped from the aggregated metrics by Flower
+        return super().aggregate_train(server_round, replies)
+
+
+class UniformSharedKeyFedAvg(SharedKeyFedAvg):
+    """`SharedKeyFedAvg` (validation, frozen arrays, round log) averaging updates with equal
+    weights instead of by `num-examples`: with DP, one client's influence on the average
+    must be at most C/m, whatever its dataset size.  Only the "fedavg" rule is allowed (the
+    sensitivity of median/trimmed-mean/Krum is not C/m)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        backend = getattr(self, "backend", "flower")
+        if backend != "flower":          # the other backends weight by num-examples themselves
+            raise ValueError(f"differential privacy needs aggregation-backend 'flower', got {backend!r}")
+
+    def _make_inner(self, train_metrics_aggr_fn: MetricsAggrFn | None,
+                    evaluate_metrics_aggr_fn: MetricsAggrFn | None) -> FedAvg:
+        if self.rule != "fedavg":
+            raise ValueError(f"differential privacy needs aggregation 'fedavg', got {self.rule!r}")
+        return _UniformFedAvg(weighted_by_key=DP_WEIGHT_KEY, arrayrecord_key=self.arrayrecord_key,
+                              configrecord_key=self.configrecord_key,
+                              train_metrics_aggr_fn=train_metrics_aggr_fn,
+                              evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
+
+
+class AccountedClientSideFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping wrapper plus Flower's RDP accountant, composed once
+    per released (noised) aggregate; keeps what was sampled and averaged in `current_round`.
+
+    `accountant` (Flower's, see module doc) is kept under `rdp`: the base class's own
+    `accountant` stays None because its checks do not fit this strategy."""
+
+    def __init__(self, strategy: SharedKeyFedAvg, noise_multiplier: float, clipping_norm: float,
+                 num_sampled_clients: int, *, population_size: int, target_delta: float,
+                 max_epsilon: float | None = None) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        from flwr.serverapp import RdpAccountant   # needs flwr[dp] (dp-accounting)
+        self.population_size = population_size
+        self.target_delta = target_delta
+        self.max_epsilon = max_epsilon
+        self.rdp = RdpAccountant(PrivacyConfig(
+            target_delta=target_delta, population_size=population_size,
+            neighboring_relation=NeighboringRelation.REPLACE_ONE,
+            sampling_method=SamplingMethod.WITHOUT_REPLACEMENT, max_epsilon=max_epsilon))
+        self.current_round: dict[str, Any] = {}
+        self._projected: tuple[tuple[int, GaussianPrivacyEvent], Any] | None = None
+
+    def __repr__(self) -> str:
+        return "Differential Privacy Strategy Wrapper (Client-Side Fixed Clipping, RDP accounted)"
+
+    @property
+    def noise_std(self) -> float:
+        return compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+
+    def event(self, sample_size: int, num_averaged: int | None = None) -> GaussianPrivacyEvent:
+        """The Gaussian release of one round, for the replace-one accountant (module doc)."""
+        m = self.num_sampled_clients
+        k = m if num_averaged is None else num_averaged
+        z_eff = self.noise_multiplier * min(1.0, k / m)
+        return GaussianPrivacyEvent(noise_multiplier=z_eff / REPLACE_ONE_SENSITIVITY,
+                                    sample_size=min(max(sample_size, 1), self.population_size),
+                                    population_size=self.population_size)
+
+    def would_exceed_budget(self) -> bool:
+        """Would one more round of m sampled, m averaged updates exceed max_epsilon?
+
+        Same answer as Flower's `RdpAccountant.would_exceed`, which replays every past
+        release (about 0.6 s each with sampling rate < 1): a second Flower accountant that is
+        one planned release ahead is kept instead and rebuilt only when a round differed."""
+        if self.max_epsilon is None:
+            return False
+        planned = self.event(self.num_sampled_clients)
+        key = (self.rdp.num_releases, planned)
+        if self._projected is None or self._projected[0] != key:
+            from flwr.serverapp import RdpAccountant
+            ahead = RdpAccountant(self.rdp.config)
+            ahead.load_state_dict(self.rdp.state_dict())
+            ahead.compose(planned)
+            self._projected = (key, ahead)
+        return self._projected[1].get_epsilon(self.target_delta) > self.max_epsilon
+
+    def _advance_projection(self, released: GaussianPrivacyEvent) -> None:
+        """After a release equal to the planned one, move the projection one step ahead."""
+        if self._projected is None:
+            return
+        (releases, planned), ahead = self._projected
+        if releases + 1 == self.rdp.num_releases and planned == released:
+            ahead.compose(planned)
+            self._projected = ((self.rdp.num_releases, planned), ahead)
+        else:
+            self._projected = None
+
+    def privacy_spent(self):  # type: ignore[override]
+        return self.rdp.get_privacy_spent()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        sampled = [int(m.metadata.dst_node_id) for m in messages]
+        if len(sampled) != self.num_sampled_clients:
+            log(WARNING, "DP: sampled %d nodes, noise is calibrated for %d",
+                len(sampled), self.num_sampled_clients)
+        self.current_round = {"sampled": sampled, "aggregated": [], "released": False}
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        log_before = len(getattr(self.strategy, "round_log", []))
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if hasattr(self.strategy, "round_log"):          # SharedKeyFedAvg: what it accepted
+            averaged = [int(e["node_id"]) for e in self.strategy.round_log[log_before:]
+                        if e["phase"] == "train" and e["accepted"]]
+        else:
+            averaged = [int(r.metadata.src_node_id) for r in replies if not r.has_error()]
+        info = self.current_round or {"sampled": [], "released": False}
+        info["aggregated"] = averaged
+        if arrays is None:
+            log(WARNING, "DP: no aggregate released this round (nothing composed)")
+            self.current_round = info
+            return arrays, metrics
+        event = self.event(len(info["sampled"]) or self.num_sampled_clients, len(averaged))
+        self.rdp.compose(event)
+        self._advance_projection(event)
+        spent = self.rdp.get_privacy_spent()
+        info.update(released=True, noise_std=self.noise_std,
+                    noise_multiplier_effective=event.noise_multiplier * REPLACE_ONE_SENSITIVITY,
+                    sample_size=event.sample_size, epsilon_after=spent.epsilon)
+        self.current_round = info
+        log(INFO, "DP: released round, epsilon %.4f at delta %g (replace-one, %d releases)",
+            spent.epsilon, spent.delta, spent.num_releases)
+        return _clamp_running_var(arrays), metrics
+
+
+def _clamp_running_var(arrays: ArrayRecord) -> ArrayRecord:
+    """Noise can make BatchNorm variances negative (NaN in eval mode): clamp at 0
+    (post-processing of a DP output, so the guarantee is unchanged)."""
+    out = ArrayRecord()
+    for key, value in arrays.items():
+        if key.endswith("running_var"):
+            value = Array(np.maximum(value.numpy(), 0).astype(value.numpy().dtype))
+        out[key] = value
+    return out
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class DpRun:
+    """Everything DP for one ServerApp run: builds the strategy and its wrapper, checks the
+    budget before a round, and writes `<out-dir>/dp_ledger.json` after every round."""
+
+    def __init__(self, settings: DpSettings, out_dir: Path, node_ids: Iterable[int],
+                 fraction_train: float, min_train_nodes: int) -> None:
+        self.settings = settings
+        self.path = Path(out_dir) / LEDGER_NAME
+        self.node_ids = sorted(int(n) for n in node_ids)
+        self.population = len(self.node_ids)
+        if fraction_train <= 0:
+            raise ValueError("differential privacy needs fraction-train > 0")
+        self.num_sampled = min(expected_sample_size(self.population, fraction_train,
+                                                    min_train_nodes), max(self.population, 1))
+        self.rounds: list[dict[str, Any]] = []
+        self.stop_reason: str | None = None
+        self.wrapper: AccountedClientSideFixedClipping | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], out_dir: Path, node_ids: Iterable[int],
+                    min_train_nodes: int) -> DpRun | None:
+        settings = DpSettings.from_config(cfg)
+        if settings is None:
+            return None
+        wire = str(cfg.get("wire-dtype", "float32"))
+        if wire != "float32":   # rounding the clipped reply to float16 can push it past C
+            raise ValueError(f"differential privacy needs wire-dtype 'float32', got {wire!r}")
+        return cls(settings, out_dir, node_ids, float(cfg["fraction-train"]),  # type: ignore[arg-type]
+                   min_train_nodes)
+
+    def make_strategy(self, rule: str, **kwargs: Any) -> UniformSharedKeyFedAvg:
+        """Like `strategy.make_strategy`, with equal weights (DP needs a plain average)."""
+        return UniformSharedKeyFedAvg(rule=normalize_rule(rule), **kwargs)
+
+    def wrap(self, strategy: SharedKeyFedAvg) -> AccountedClientSideFixedClipping:
+        s = self.settings
+        self.wrapper = AccountedClientSideFixedClipping(
+            strategy, s.noise_multiplier, s.clipping_norm, self.num_sampled,
+            population_size=self.population, target_delta=s.target_delta,
+            max_epsilon=s.max_epsilon)
+        return self.wrapper
+
+    def resume(self) -> None:
+        """Continue the ledger (and accountant) of an interrupted run, if there is one.
+        Rounds recorded but not checkpointed stay in it: their aggregates were released."""
+        if not self.path.exists() or self.wrapper is None:
+            return
+        data = json.loads(self.path.read_text(encoding="utf-8"))
+        try:
+            self.wrapper.rdp.load_state_dict(data["accountant"]["state"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"cannot resume the privacy ledger {self.path}: the DP settings or "
+                             f"the population changed ({exc}); use a new out-dir") from exc
+        self.rounds = list(data.get("rounds", []))
+        log(INFO, "DP: resumed ledger with %d rounds, epsilon %.4f",
+            len(self.rounds), self.wrapper.privacy_spent().epsilon)
+
+    def budget_exhausted(self) -> bool:
+        """True (and the reason recorded) if the next round would exceed dp-max-epsilon."""
+        assert self.wrapper is not None
+        if self.wrapper.would_exceed_budget():
+            spent = self.wrapper.privacy_spent()
+            self.stop_reason = (f"the next round would exceed dp-max-epsilon "
+                                f"{self.settings.max_epsilon} (spent {spent.epsilon:.4f})")
+            log(WARNING, "DP: stopping the run: %s", self.stop_reason)
+            return True
+        return False
+
+    def record_round(self, index: int, stage: str) -> None:
+        assert self.wrapper is not None
+        info = dict(self.wrapper.current_round)
+        self.wrapper.current_round = {}
+        self.rounds.append({"round": index, "stage": stage, **info})
+        self.write()
+
+    def finish(self) -> None:
+        self.write()
+
+    # -- the ledger --------------------------------------------------------------------------
+
+    def _participation_epsilon(self, events: list[GaussianPrivacyEvent]) -> float:
+        """Composition of the rounds one client was exposed in, without sampling
+        amplification (add-or-remove-one at z/2 == replace-one at z)."""
+        if not events:
+            return 0.0
+        from flwr.serverapp import RdpAccountant
+        acc = RdpAccountant(PrivacyConfig(
+            target_delta=self.settings.target_delta, population_size=self.population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        counts: dict[GaussianPrivacyEvent, int] = {}
+        for ev in events:
+            counts[ev] = counts.get(ev, 0) + 1
+        for ev, n in counts.items():
+            acc.compose(ev, n)
+        return acc.get_epsilon(self.settings.target_delta)
+
+    def ledger(self) -> dict[str, Any]:
+        assert self.wrapper is not None
+        s, w = self.settings, self.wrapper
+        spent = w.privacy_spent()
+        rate = self.num_sampled / self.population if self.population else 0.0
+        clients: dict[str, dict[str, Any]] = {}
+        for node in sorted(set(self.node_ids) | {n for r in self.rounds for n in r.get("sampled", [])}):
+            sampled = [r for r in self.rounds if node in r.get("sampled", [])]
+            exposed = [r for r in sampled if r.get("released")]
+            participated = [r["round"] for r in exposed if node in r.get("aggregated", [])]
+            events = [GaussianPrivacyEvent(
+                noise_multiplier=r["noise_multiplier_effective"] / REPLACE_ONE_SENSITIVITY,
+                sample_size=r["sample_size"], population_size=self.population) for r in exposed]
+            clients[str(node)] = {
+                "node_id": node, "rounds_participated": len(participated),
+                "participated_rounds": participated, "times_sampled": len(sampled),
+                "released_rounds_sampled": len(exposed), "sampling_rate": rate,
+                "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
+                "epsilon": spent.epsilon, "delta": spent.delta,
+                "epsilon_participation": self._participation_epsilon(events),
+            }
+        return {
+            "schema_version": 1,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "mechanism": "DP-FedAvg: client-side fixed clipping (Flower fixedclipping_mod) + "
+                         "server-side Gaussian noise (Flower DifferentialPrivacyClientSideFixedClipping)",
+            "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
+            "target_delta": s.target_delta, "max_epsilon": s.max_epsilon,
+            "population_size": self.population, "num_sampled_per_round": self.num_sampled,
+            "sampling_rate": rate, "noise_std": w.noise_std,
+            "rounds_recorded": len(self.rounds), "releases": spent.num_releases,
+            "epsilon": spent.epsilon, "delta": spent.delta,
+            "budget_exhausted": self.stop_reason is not None, "stop_reason": self.stop_reason,
+            "accountant": {"name": "flwr RdpAccountant (dp-accounting RDP)",
+                           "neighboring_relation": "replace-one",
+                           "sampling_method": "without-replacement",
+                           "optimal_order": spent.optimal_order,
+                           "state": w.rdp.state_dict()},
+            "rounds": self.rounds,
+            "clients": clients,
+            "notes": NOTES,
+        }
+
+    def write(self) -> Path:
+        _atomic_write_json(self.path, self.ledger())
+        return self.path
+
+
+__all__ = ["AccountedClientSideFixedClipping", "DP_WEIGHT_KEY", "DpRun", "DpSettings",
+           "LEDGER_NAME", "UniformSharedKeyFedAvg", "expected_sample_size"]
