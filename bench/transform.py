@@ -3,7 +3,8 @@
     python bench/transform.py [--batch 32] [--repeats 3] [--threads N]
 
 Prints img/s per stage and the ratio (e + d) / g(w = 64), all measured side by side in one run
-(best of `repeats`), plus protect() latency at batch 1.  Target (issue 1): (e + d) <= 5% of g.
+(best of `repeats`), plus protect() latency at batch 1 and protect() img/s at batch 1, 32 and 256
+(--protect-batches).  GPU numbers: bench/gpu.sh.  Target (issue 1): (e + d) <= 5% of g.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--channels-last", action="store_true", help="run g in channels_last")
+    ap.add_argument("--protect-batches", type=int, nargs="*", default=[1, 32, 256],
+                    help="protect() img/s at these batch sizes (w = 64; one timed call at >= 64)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         fe = MinusFaceFrontend(width=64).eval()
         rows["protect() (w = 64)"] = best_seconds(lambda: fe.protect(faces), args.repeats)
         lat = best_seconds(lambda: fe.protect(faces[:1]), args.repeats)
+        protect_rates = {}
+        for pb in args.protect_batches:
+            batch = torch.rand(pb, 3, 112, 112) * 2 - 1
+            secs = best_seconds(lambda batch=batch: fe.protect(batch), 1 if pb >= 64 else args.repeats)
+            protect_rates[pb] = pb / secs
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "unknown"
     print(f"{platform.node()} {platform.machine()} torch {torch.__version__}, "
@@ -76,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(e + d) / g(w = 64) = {ratio:.3f}  (target <= 0.05)")
     print(f"(e + d) / g(w = 16) = {(rows['e (encode)'] + rows['d (decode)']) / rows['g (w = 16)']:.3f}")
     print(f"protect() latency at batch 1 (w = 64): {1000 * lat:.1f} ms per image")
+    for pb, rate in protect_rates.items():
+        print(f"protect() at batch {pb} (w = 64): {rate:.1f} img/s")
     return 0
 
 

@@ -2,21 +2,27 @@
 
 Every reply passes the outbound guard (only the shared weights received, numeric metrics and
 protect() outputs may leave).  The private margin head lives in `context.state` between rounds.
+Message type "evaluate.privacy" (`privacy_evaluate`): the site attacks its own faces with the
+global g and replies with numbers only (clients/privacy_eval.py, federation/privacy_round.py).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.dp import dp_clipping_mod
+from clients.faults import inject_fault
 from clients.guard import outbound_guard
 from clients.local import local_evaluate, local_train, stage_models
 from clients.site import (SiteData, federation_identities, load_site, resolve_data_path,
                           site_identities_from_folder)
-from federation.protocol import ARRAYS, CONFIG, FROZEN_GENERATOR, run_config
+from federation.privacy_round import PRIVACY_ACTION, PRIVACY_RECORD
+from federation.protocol import ARRAYS, CONFIG, FROZEN_GENERATOR, like_received, run_config, unflatten
 from minusface.presets import get_preset
 from simulation.partition import partition_for_client
 
@@ -60,15 +66,20 @@ def _models(msg: Message, context: Context, site: SiteData):
     return stage, preset, stage_models(stage, preset, site.num_classes, shared, frozen, head, seed), seed
 
 
-@app.train(mods=[outbound_guard])
+# inject_fault: TEST HOOK (clients/faults.py), active only with a `fault` key in this SuperNode's
+# own --node-config; outermost, so it corrupts the reply after training and after the guard
+@app.train(mods=[inject_fault, outbound_guard, dp_clipping_mod])   # DP clipping last (no-op when DP is off)
 def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     site, _ = _site(context)
     stage, preset, models, seed = _models(msg, context, site)
     conf = msg.content[CONFIG]
     shared, head, metrics = local_train(
         models, stage, site, preset, lr=float(conf["lr"]), epochs=int(conf["local-epochs"]),
-        seed=seed + 100 * int(conf.get("server-round", 0)))
+        seed=seed + 100 * int(conf.get("minusfed-round", 0)))   # a new batch order every round
     context.state[f"head-{stage}"] = ArrayRecord(head)        # private: stays on the site
+    metrics["client_seconds"] = time.perf_counter() - t0      # whole handler: data, build, train
+    shared = like_received(shared, {k: str(a.dtype) for k, a in msg.content[ARRAYS].items()})
     return Message(RecordDict({ARRAYS: ArrayRecord(shared), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
@@ -79,3 +90,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, _, models, _ = _models(msg, context, site)
     metrics = local_evaluate(models, site)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate(PRIVACY_ACTION, mods=[outbound_guard])
+def privacy_evaluate(msg: Message, context: Context) -> Message:
+    """Message type "evaluate.privacy": every privacy attack on this site's own faces with the
+    global frozen g (and f_p under "arrays", if sent); the reply is ONE MetricRecord of numbers
+    (see clients.privacy_eval for the attacker-aux / evaluated split of the site's identities)."""
+    from clients.privacy_eval import generator_from_record, privacy_config, site_privacy_metrics
+    site, _ = _site(context)
+    cfg = run_config(context.run_config)
+    conf = msg.content[CONFIG] if CONFIG in msg.content else ConfigRecord()
+    config = privacy_config(str(conf.get("privacy-preset", cfg["preset"])), dict(conf))
+    generator = generator_from_record(msg.content[FROZEN_GENERATOR].to_torch_state_dict())
+    recognizer = (unflatten(msg.content[ARRAYS].to_torch_state_dict(), "recognizer")
+                  if ARRAYS in msg.content else None) or None
+    seed = int(conf.get("seed", cfg["seed"])) * 7919 + int(context.node_config.get("partition-id", 0))
+    metrics = site_privacy_metrics(site.train.images, site.train.labels, generator, config,
+                                   seed=seed, recognizer_state=recognizer,
+                                   recognizer_preset=str(cfg["preset"]))
+    return Message(RecordDict({PRIVACY_RECORD: MetricRecord(metrics)}), reply_to=msg)

@@ -214,7 +214,9 @@ class FaceDataset(Dataset):
                                  f"{skipped[0][1]}")
         keep = [i for i, err in enumerate(errors) if err is None]
         if not keep:
-            raise ValueError(f"FaceDataset: none of the {len(paths)} images could be decoded")
+            raise ValueError(f"FaceDataset: none of the {len(paths)} images under {base} could be "
+                             f"decoded (expected {SIZE}x{SIZE} face crops, JPEG/PNG/...); "
+                             f"first: {skipped[0][1]}")
         kept_names = [names[i] for i in keep]
         present = set(kept_names)
         identities = [n for n in order if n in present]

@@ -111,10 +111,36 @@ def load_site(identities: dict[str, list[str]], cache_dir: Path | None, tag: str
     return SiteData(train=train, eval_faces=faces, eval_a=a, eval_b=b, eval_same=same)
 
 
+def _describe_folder(root: Path) -> str:
+    """What a site folder holds, for error messages: 'empty', '3 files, 0 sub-folders'."""
+    try:
+        entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    except OSError as e:
+        return f"unreadable ({e})"
+    if not entries:
+        return "empty"
+    dirs = sum(1 for e in entries if e.is_dir())
+    return f"{len(entries) - dirs} file(s) and {dirs} sub-folder(s) directly in it"
+
+
 def site_identities_from_folder(root: Path, preset: Preset) -> dict[str, list[str]]:
-    """Deployment: every identity folder under a site's own data-path."""
-    found = scan_identity_folders(root, min_images_per_identity=preset.min_images_per_identity)
+    """Deployment: every identity folder under a site's own data-path.
+
+    An unusable folder raises an error that names it, says what it holds and what a site folder
+    must hold (the ClientApp's error reply carries it to the server log and metrics.jsonl)."""
+    from clients.data import IMAGE_EXTENSIONS
+    need = preset.min_images_per_identity
+    expected = (f"expected one sub-folder per identity holding its face images "
+                f"({root}/<identity>/<image>, suffix {'/'.join(IMAGE_EXTENSIONS)}), "
+                f"at least {need} images per identity")
+    try:
+        found = scan_identity_folders(root, min_images_per_identity=need)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"site data-path {root}: not a folder; {expected}") from e
+    except ValueError as e:
+        raise ValueError(f"site data-path {root} holds no face images "
+                         f"({_describe_folder(root)}); {expected}") from e
     if not found:
-        raise ValueError(f"{root}: no identity folders with at least "
-                         f"{preset.min_images_per_identity} images")
+        raise ValueError(f"site data-path {root}: no identity folder with at least {need} "
+                         f"images ({_describe_folder(root)}); {expected}")
     return {n: ps for n, ps in found}

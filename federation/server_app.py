@@ -19,33 +19,19 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from clients.site import resolve_data_path
-from federation.protocol import FROZEN_GENERATOR, STAGE1, STAGE2, flatten, run_config, unflatten
+from federation.protocol import (FROZEN_GENERATOR, STAGE1, STAGE2, from_wire,  # noqa: F401
+                                 initial_arrays, lr_for_round, to_wire, run_config, unflatten)
 from federation.report import write_report
 from federation.server_eval import ServerEvaluator
-from minusface.backbones import build_backbone
 from minusface.generator import UNetGenerator
-from minusface.presets import Preset, get_preset
+from minusface.presets import get_preset
 from minusface.runtime import tune_allocator
 from minusface.weights import save_generator
 from strategy import CheckpointStore, make_strategy
+from strategy.dp import DpRun
 
 app = ServerApp()
 INFO, WARNING = 20, 30
-
-
-def lr_for_round(preset: Preset, stage_round: int, stage_rounds: int) -> float:
-    """The preset's step schedule over a stage's rounds: LR / 10 for each milestone fraction of
-    the stage already completed before this round (round 1 always trains at the full LR)."""
-    done = (stage_round - 1) / stage_rounds
-    return preset.lr * (0.1 ** sum(1 for f in preset.milestones if done >= f))
-
-
-def initial_arrays(stage: str, preset: Preset, seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    if stage == STAGE1:
-        return flatten({"generator": UNetGenerator(width=preset.generator_width),
-                        "recognizer": build_backbone(preset.backbone, 192, width=preset.backbone_width)})
-    return flatten({"recognizer": build_backbone(preset.backbone, 3, width=preset.backbone_width)})
 
 
 def resolve_out_dir(configured: str, run_id: int) -> Path:
@@ -84,6 +70,7 @@ def run_server(grid: Grid, context: Context) -> None:
         {**cfg, "data-path": str(data_path), "num-clients": nodes}, indent=2, sort_keys=True))
     evaluator = ServerEvaluator(data_path, int(cfg["eval-fold"]), int(cfg["server-eval-pairs"]))
 
+    wire = str(cfg["wire-dtype"])          # float16 halves the bytes; the master copy stays float32
     rounds = {STAGE1: int(cfg["stage1-rounds"]), STAGE2: int(cfg["stage2-rounds"])}
     plan = [(s, r) for s in (STAGE1, STAGE2) for r in range(1, rounds[s] + 1)]
     state = {STAGE1: initial_arrays(STAGE1, preset, int(cfg["seed"])), STAGE2: None}
@@ -101,35 +88,49 @@ def run_server(grid: Grid, context: Context) -> None:
             state[STAGE1] = arrays
         log(INFO, "minusfed: resuming after round %d (%s) from %s", done, stage, store.checkpoint_path)
 
-    strategy = make_strategy(
+    dp = DpRun.from_config(cfg, out_dir, grid.get_node_ids(), min_nodes)   # None: DP off
+    strategy = (dp.make_strategy if dp else make_strategy)(
         str(cfg["aggregation"]), fraction_train=float(cfg["fraction-train"]),
         fraction_evaluate=float(cfg["fraction-evaluate"]), min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
-        max_update_norm=float(cfg["max-update-norm"]) or None)
+        max_update_norm=float(cfg["max-update-norm"]) or None,
+        backend=str(cfg["aggregation-backend"]))
+    runner = dp.wrap(strategy) if dp else strategy       # Flower's DP wrapper around it
+    if dp and done:
+        dp.resume()
 
     for index, (stage, stage_round) in enumerate(plan, start=1):
         if index <= done:
             continue
+        if dp and dp.budget_exhausted():                 # dp-max-epsilon: stop, keep outputs
+            break
         if stage == STAGE2 and state[STAGE2] is None:
             # freeze the aggregated g and start a fresh f_p
             frozen = {f"generator.{k}": v for k, v in unflatten(state[STAGE1], "generator").items()}
             state[STAGE2] = initial_arrays(STAGE2, preset, int(cfg["seed"]) + 1)
-        strategy.frozen_arrays = {FROZEN_GENERATOR: ArrayRecord(frozen)} if stage == STAGE2 else {}
+        strategy.frozen_arrays = ({FROZEN_GENERATOR: ArrayRecord(to_wire(frozen, wire))}
+                                  if stage == STAGE2 else {})
         lr = lr_for_round(preset, stage_round, rounds[stage])
-        common = {"stage": stage, "server-round": index}
+        common = {"stage": stage, "minusfed-round": index}   # Flower overwrites "server-round" with 1 per start()
         t0 = time.perf_counter()
-        result = strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(state[stage]), num_rounds=1,
+        result = runner.start(
+            grid=grid, initial_arrays=ArrayRecord(to_wire(state[stage], wire)), num_rounds=1,
+            timeout=float(cfg["round-timeout"]),     # per phase; late or dead nodes are dropped
             train_config=ConfigRecord({**common, "lr": lr, "local-epochs": int(cfg["local-epochs"])}),
             evaluate_config=ConfigRecord(common))
         seconds = time.perf_counter() - t0
-        state[stage] = result.arrays.to_torch_state_dict()
+        if dp:
+            dp.record_round(index, stage)                # dp_ledger.json, before anything else
+        # no aggregate this round (all replies refused, or the DP wrapper skipped it): Flower's
+        # Result then holds an empty ArrayRecord; the previous global arrays stand
+        state[stage] = from_wire(result.arrays.to_torch_state_dict()) or state[stage]
         metrics = {"stage_round": stage_round, "lr": lr, "round_seconds": seconds,
                    **evaluator(stage, preset, state[stage], frozen)}
         for source, by_round in (("train", result.train_metrics_clientapp),
                                  ("evaluate", result.evaluate_metrics_clientapp)):
             for values in by_round.values():
                 metrics.update({f"clients_{source}_{k}": v for k, v in dict(values).items()})
+        metrics.update(strategy.node_summary())      # sampled / replied / dropped node ids
         saved = dict(state[stage])
         if stage == STAGE2:
             saved.update({f"frozen.{k}": v for k, v in frozen.items()})
@@ -141,6 +142,8 @@ def run_server(grid: Grid, context: Context) -> None:
         log(INFO, "minusfed: round %d/%d (%s %d) server accuracy %.4f",
             index, len(plan), stage, stage_round, metrics["server_accuracy"])
 
+    if dp:
+        dp.finish()
     final = out_dir / "final"
     final.mkdir(exist_ok=True)
     g = UNetGenerator(width=preset.generator_width)
@@ -150,6 +153,13 @@ def run_server(grid: Grid, context: Context) -> None:
                final / "models.pt")
     report = write_report(out_dir, preset)
     log(INFO, "minusfed: finished; report %s", report)
+    if cfg["privacy-eval"]:                         # every site attacks its own faces
+        from federation.privacy_round import run_privacy_round
+        gen = frozen if frozen is not None else {
+            f"generator.{k}": v for k, v in unflatten(state[STAGE1], "generator").items()}
+        summary = run_privacy_round(grid, out_dir, gen, state[STAGE2], preset.name,
+                                    int(cfg["seed"]))
+        log(INFO, "minusfed: privacy evaluation %s", summary)
 
 
 app.main()(run_server)

@@ -148,3 +148,27 @@ def test_round_lr_schedule_follows_the_paper_milestones():
     assert abs(lrs[21] - 1e-4) < 1e-12 and abs(lrs[22] - 1e-5) < 1e-12  # and at 22
     assert [lr_for_round(p, r, 2) for r in (1, 2)] == [0.01, 0.001]
     assert lr_for_round(p, 1, 1) == 0.01
+
+
+def test_wire_dtype_float16_halves_the_bytes_and_keeps_a_float32_master(lfw_root, tmp_path):
+    from simulation.inprocess import run_inprocess
+    out = tmp_path / "run16"
+    grid = run_inprocess(tiny_config(lfw_root, out, **{"wire-dtype": "float16",
+                                                       "stage2-rounds": 0}), 2)
+    full = initial_arrays(STAGE1, get_preset("tiny"), 0)
+    expected = sum(v.numel() * (2 if v.is_floating_point() else v.element_size())
+                   for v in full.values())
+    sent = [b["array_bytes"] for b in grid.bytes_sent if b["type"] == "train"]
+    assert sent == [expected, expected]                  # both sites replied in float16
+    assert expected < 0.51 * sum(v.numel() * v.element_size() for v in full.values())
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(e["client"]["accepted"] for e in lines if "client" in e)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    floats = [v for v in ck["arrays"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+
+
+def test_wire_dtype_is_validated():
+    from federation.protocol import run_config
+    with pytest.raises(ValueError, match="wire-dtype"):
+        run_config({"wire-dtype": "bfloat16"})

@@ -1,0 +1,150 @@
+"""Training-step throughput: unprotected twin vs MinusFace stage 1 and stage 2, per preset and device.
+
+    python bench/train_step.py --preset cpu-small --batch 32           # CPU
+    python bench/train_step.py --preset paper --batch 64 256           # GPU (bf16 + channels_last)
+
+One full step each (forward, backward, SGD update) on random faces, median of --iters after
+--warmup, synchronised on CUDA.  FLOPs per image are counted once with torch's FlopCounterMode
+(convolutions and matrix products, forward + backward); on CUDA the achieved rate is compared
+with the bf16 peak (--peak-tflops, default the H100/H200 datasheet's 989).  The ratio
+MinusFace / unprotected img/s is the front end's training cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minusface.generator import UNetGenerator  # noqa: E402
+from minusface.presets import get_preset  # noqa: E402
+from minusface.runtime import tune_allocator  # noqa: E402
+from minusface.trainer import build_models, make_optimizer, train_step  # noqa: E402
+
+DATASHEET_BF16_TFLOPS = 989.0      # H100 / H200 SXM dense bf16 (a lead; bench/gpu.py measures)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
+    """Median wall time of `fn` (device-synchronised before and after each call)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def count_flops(models, preset, device: torch.device, classes: int, batch: int = 4) -> float:
+    """FLOPs of one training step per image (forward + backward; the SGD update excluded)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    opt = make_optimizer(models, preset)
+    x = torch.rand(batch, 3, 112, 112, device=device) * 2 - 1
+    y = torch.randint(0, classes, (batch,), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(models, x, y, opt, device)
+    return counter.get_total_flops() / batch
+
+
+def bench_recipes(preset_name: str, batches: Sequence[int], device: torch.device, classes: int,
+                  iters: int, warmup: int, peak_tflops: float | None = None) -> list[dict]:
+    preset = get_preset(preset_name)
+    generator = UNetGenerator(width=preset.generator_width)
+    rows = []
+    for recipe in ("baseline", "stage1", "stage2"):
+        g = None
+        if recipe == "stage2":
+            g = UNetGenerator(width=preset.generator_width)
+            g.load_state_dict(generator.state_dict())
+        models = build_models(recipe, preset, classes, generator=g).to(device)
+        models.train()
+        flops = count_flops(models, preset, device, classes)
+        for batch in batches:
+            opt = make_optimizer(models, preset)
+            x = torch.rand(batch, 3, 112, 112, device=device) * 2 - 1
+            y = torch.randint(0, classes, (batch,), device=device)
+            s = median_seconds(lambda: train_step(models, x, y, opt, device), device, iters, warmup)
+            tflops = flops * batch / s / 1e12
+            row = {"recipe": recipe, "preset": preset.name, "batch": batch, "device": device.type,
+                   "img_per_s": batch / s, "gflop_per_img": flops / 1e9, "tflops": tflops}
+            if peak_tflops:
+                row["fraction_of_measured_peak"] = tflops / peak_tflops
+                row["fraction_of_datasheet"] = tflops / DATASHEET_BF16_TFLOPS
+            rows.append(row)
+            print(f"  train {recipe} {preset.name} batch {batch}: {batch / s:.1f} img/s, "
+                  f"{1e3 * tflops:.1f} GFLOP/s", flush=True)
+        del models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    gpu = any("fraction_of_measured_peak" in r for r in rows)
+    head = "| recipe | preset | batch | img/s | GFLOP / img | achieved |"
+    lines = [head + (" % of peak |" if gpu else ""), "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+    base = {(r["preset"], r["batch"]): r["img_per_s"] for r in rows if r["recipe"] == "baseline"}
+    for r in rows:
+        rate = f"{r['tflops']:.1f} TFLOP/s" if r["tflops"] >= 1 else f"{1e3 * r['tflops']:.1f} GFLOP/s"
+        line = (f"| {r['recipe']} | {r['preset']} | {r['batch']} | {r['img_per_s']:.1f} | "
+                f"{r['gflop_per_img']:.2f} | {rate} |")
+        if gpu:
+            line += f" {100 * r['fraction_of_measured_peak']:.1f} |"
+        lines.append(line)
+    lines.append("")
+    for r in rows:
+        if r["recipe"] != "baseline" and (r["preset"], r["batch"]) in base:
+            lines.append(f"{r['recipe']} / unprotected ({r['preset']}, batch {r['batch']}): "
+                         f"{r['img_per_s'] / base[(r['preset'], r['batch'])]:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", nargs="+", default=["tiny", "cpu-small"])
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="batch sizes (default: each preset's own)")
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="bf16 peak for the %% column on CUDA (default: datasheet 989)")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tune_allocator()
+    peak = (args.peak_tflops or DATASHEET_BF16_TFLOPS) if device.type == "cuda" else None
+    rows = []
+    for name in args.preset:
+        batches = args.batch or [get_preset(name).batch_size]
+        rows += bench_recipes(name, batches, device, args.classes, args.iters, args.warmup, peak)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else \
+        f"{platform.node()} CPU, {torch.get_num_threads()} threads"
+    print(f"\n{where}, torch {torch.__version__}, commit {commit}, {time.strftime('%Y-%m-%d')}")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""bench/report.py: the README Results section is rendered from saved results, with provenance."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import report  # noqa: E402
+
+
+def _save(folder: Path, name: str, kind: str, data) -> None:
+    (folder / name).write_text(json.dumps({"kind": kind, "command": f"python bench/{name}.py",
+                                           "machine": "m1", "date": "2026-01-02", "commit": "abc",
+                                           "data": data}))
+
+
+def test_committed_results_render(tmp_path):
+    section = report.render(report.load())
+    assert section.startswith(report.START) and section.rstrip().endswith(report.END)
+    assert "| measurement | value | machine, date | reproduce with |" in section
+
+
+def test_rows_carry_machine_date_and_command_and_readme_is_rewritten(tmp_path):
+    _save(tmp_path, "sim.json", "simulation", [
+        {"clients": 1000, "sampled": 10, "rounds": 3, "status": "completed", "wall_seconds": 91.0,
+         "peak_rss_gb": 3.2, "overhead_seconds_per_round": 4.5}])
+    _save(tmp_path, "gen.json", "generic", {"rows": [
+        {"section": "privacy", "measurement": "recovery SSIM", "value": "0.31"}]})
+    section = report.render(report.load(tmp_path))
+    assert "1000 virtual clients" in section and "peak RSS 3.20 GB" in section
+    assert "| m1, 2026-01-02 | `python bench/sim.json.py` |" in section
+    assert section.index("**Privacy**") < section.index("**Scale**")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\n\n" + report.START + "\nold\n" + report.END + "\n\nafter\n")
+    report.write_readme(section, readme)
+    text = readme.read_text()
+    assert "\nold\n" not in text and "recovery SSIM" in text and text.endswith("after\n")
+
+
+def test_bad_results_file_is_named(tmp_path):
+    (tmp_path / "broken.json").write_text(json.dumps({"kind": "gpu"}))
+    with pytest.raises(ValueError, match="broken.json: missing fields"):
+        report.load(tmp_path)
+    _save(tmp_path, "broken.json", "nope", {})
+    with pytest.raises(ValueError, match="unknown kind 'nope'"):
+        report.load(tmp_path)
