@@ -88,6 +88,9 @@ def run_config(raw: Mapping[str, object]) -> dict[str, object]:
     if cfg["preset"] not in PRESETS:
         raise ValueError(f"run config 'preset': expected one of {', '.join(PRESETS)}, "
                          f"got {cfg['preset']!r}")
+    if not float(cfg["round-timeout"]) > 0:   # Flower's send_and_receive would wait 0 s
+        raise ValueError(f"run config 'round-timeout' must be > 0 seconds, "
+                         f"got {cfg['round-timeout']!r}")
     return cfg
 
 
