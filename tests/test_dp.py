@@ -187,6 +187,7 @@ def test_dp_settings_from_run_config():
         DpRun(s, Path("/x"), [1, 2], 1.0, 2).make_strategy("median")
 
 
+@pytest.mark.slow      # a whole in-process federation: minutes on 2 busy cores
 def test_inprocess_federation_with_dp_writes_the_ledger(lfw_root, tmp_path):
     from simulation.inprocess import run_inprocess
     out = tmp_path / "run"

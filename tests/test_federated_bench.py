@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -53,6 +54,7 @@ def test_split_sites_partitions_identities_and_relabels():
         seen |= ids
 
 
+@pytest.mark.slow      # a whole in-process federation: minutes on 2 busy cores
 def test_run_federated_tiny_both_stages(tmp_path):
     rng = np.random.default_rng(0)
     preset = get_preset("tiny").with_(batch_size=4)

@@ -150,6 +150,7 @@ def test_round_lr_schedule_follows_the_paper_milestones():
     assert lr_for_round(p, 1, 1) == 0.01
 
 
+@pytest.mark.slow      # a whole in-process federation: minutes on 2 busy cores
 def test_wire_dtype_float16_halves_the_bytes_and_keeps_a_float32_master(lfw_root, tmp_path):
     from simulation.inprocess import run_inprocess
     out = tmp_path / "run16"
