@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lfw_112_centercrop"
 
@@ -17,3 +18,13 @@ def lfw_root() -> Path:
     if not (root / "images").is_dir() or not (root / "pairs.txt").is_file():
         pytest.skip(f"LFW data not found at {root} (set MINUSFED_DATA)")
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Attack training on a shared 2-core machine: one torch thread avoids the spin-waiting that
+    makes oversubscribed intra-op threads up to 10x slower (measured with bench/train_step.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

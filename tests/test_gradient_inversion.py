@@ -19,12 +19,7 @@ from privacy.gradient_inversion import (LinearProbe, attack_update, client_updat
 from privacy.metrics import psnr, ssim
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)           # the machine is shared: stay on one core
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
