@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--client-identities", type=int, default=10, metavar="N")
     p.add_argument("--aux-identities", type=int, default=40, metavar="M")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--preset", default="tiny", choices=("tiny", "cpu-small", "paper"))
+    p.add_argument("--preset", default="tiny", choices=("tiny", "cpu-quick", "cpu-small", "paper"))
     p.add_argument("--judge", metavar="CKPT", help="trainer checkpoint of an unprotected "
                                                    "recognizer (baseline recipe)")
     p.add_argument("--run", metavar="DIR", help="federated run dir (DIR/final/generator.pt)")

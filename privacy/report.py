@@ -90,6 +90,12 @@ PRIVACY_PRESETS: dict[str, PrivacyConfig] = {
                           linkage_width=8, linkage_epochs=1, aux_images=48, eval_images=24,
                           judge_preset="tiny", judge_epochs=1, gi_images=2, gi_steps=32,
                           gi_probe_steps=200, gi_preset="tiny"),
+    # about 15 minutes on 2 idle CPU cores: cpu-small's attackers with fewer images and epochs
+    "cpu-quick": PrivacyConfig("cpu-quick", inverter_width=16, inverter_epochs=4, batch_size=32,
+                               linkage_width=16, linkage_epochs=4, aux_images=800,
+                               eval_images=200, judge_preset="cpu-small", judge_epochs=2,
+                               gi_images=2, gi_steps=100, gi_probe_steps=300,
+                               gi_preset="cpu-small"),
     # about an hour on 2 CPU cores
     "cpu-small": PrivacyConfig("cpu-small", inverter_width=16, inverter_epochs=10, batch_size=32,
                                linkage_width=16, linkage_epochs=10, aux_images=2000,
