@@ -22,6 +22,7 @@ from clients.site import resolve_data_path
 from federation.protocol import (FROZEN_GENERATOR, STAGE1, STAGE2, from_wire,  # noqa: F401
                                  initial_arrays, lr_for_round, to_wire, run_config, unflatten)
 from federation.report import write_report
+from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
 from minusface.generator import UNetGenerator
 from minusface.presets import get_preset
@@ -56,6 +57,7 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> int:
 
 def run_server(grid: Grid, context: Context) -> None:
     """The whole run; registered as the ServerApp's main (and callable in-process)."""
+    harden_runtime_link(grid)      # deployed runs: survive a dropped TLS keep-alive connection
     tune_allocator()
     cfg = run_config(context.run_config)
     preset = get_preset(str(cfg["preset"]))

@@ -418,6 +418,8 @@ def test_nan_oversized_and_malformed_updates_are_rejected_round_goes_on(
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in ck["arrays"].values())
     assert "fault.extra-key" not in ck["arrays"]
+    # the deployed ServerApp (an HTTPS grid) retries a dropped TLS connection (runtime_link.py)
+    assert "runtime link: a dropped TLS connection is retried" in result.log
 
 
 # ---------------------------------------------------------------- 4. bad site data

@@ -302,6 +302,8 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
         if run.get("status") != COMPLETED and "database is locked" in _tail(sl_log, 100_000):
             details += ("\nSuperLink log: 'sqlite3.OperationalError: database is locked' (Flower's "
                         "5 s SQLite busy_timeout on a busy machine); retry, or use in_memory_state")
+        if run.get("status") != COMPLETED:          # the ServerApp's traceback lands here
+            details += f"\nlast lines of {sl_log}:\n{_tail(sl_log, 40)}"
         return DeployResult(status=str(run.get("status")), run_id=run_id,
                             seconds=time.perf_counter() - t0, log="".join(lines),
                             details=f"{abort}\n{details}".strip() if abort else details,
