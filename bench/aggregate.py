@@ -8,7 +8,7 @@ Default cases: the paper model (stage 2, the shared IR-50 w = 64 recognizer: 467
 per update) at N = 10 and N = 100, and N = 1000 updates of the cpu-small preset's recognizer
 (IR-18 w = 16, 15.7 MB): N = 1000 at the paper size is 175 GB of update bytes per method
 (minutes per method on 2 cores), which would break the 10-minute budget of the default run;
-`--sizes 1000:paper --methods streaming-f32` runs it.
+`--sizes 1000:paper --methods streaming` runs it.
 
 Each case (N updates of one model's shared keys) is aggregated by each method in a fresh
 subprocess, one at a time, so peak memory can be read per method. Reported: seconds, GB/s of
@@ -29,10 +29,12 @@ Methods:
   numpy          plain NumPy: float64 accumulators, ``acc[k] += w * a[k]`` per key
   flower         flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords (FedAvg's
                  arithmetic: float32, temporaries per key) on RecordDicts (N <= --flower-max-n)
-  streaming      strategy.streaming.StreamingWeightedMean, float64 accumulators (the
-                 strategy's "streaming" backend)
-  streaming-f32  the same with float32 accumulators
-  streaming-x2   float64 accumulators, 2 threads
+  streaming      strategy.streaming.StreamingWeightedMean as the strategy's "streaming"
+                 backend runs it: float32 accumulators, torch kernel (one fused
+                 add_(a, alpha=w) pass per array)
+  streaming-numpy  the same float32 accumulators, NumPy kernel (w * a into a cache-sized
+                   scratch block, then add: two ufunc passes per block, one thread)
+  streaming-f64  float64 accumulators (float32 updates go through the scratch blocks)
   ray            strategy.ray_backend.ray_weighted_mean on a fresh local Ray instance with all
                  CPUs (the strategy's "ray" backend; startup and worker warm-up not timed)
 """
@@ -57,7 +59,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("numpy", "flower", "streaming", "streaming-f32", "streaming-x2", "ray")
+METHODS = ("numpy", "flower", "streaming", "streaming-numpy", "streaming-f64", "ray")
 MODELS = ("paper", "paper-stage1", "cpu-small", "tiny")
 DEFAULT_SIZES = "10:paper,100:paper,1000:cpu-small"
 QUICK_SIZES = "10:tiny,100:tiny"
@@ -238,11 +240,11 @@ def run_child(spec: dict) -> dict:
     elif method.startswith("streaming"):
         from strategy.streaming import StreamingWeightedMean  # noqa: PLC0415
 
-        accumulate = "float32" if method == "streaming-f32" else "float64"
-        threads = 2 if method == "streaming-x2" else 1
+        accumulate = "float64" if method == "streaming-f64" else "float32"
+        kernel = "numpy" if method == "streaming-numpy" else "torch"
 
         def run():
-            acc = StreamingWeightedMean(accumulate, threads=threads)
+            acc = StreamingWeightedMean(accumulate, kernel=kernel)
             for arrays, w in stream():
                 acc.add(arrays, w)
             return acc.result(like)

@@ -11,8 +11,8 @@ How it works
   (`ray.put`) and the driver drops its own reference to the update.
 * Per shard, a **tree reduction** with fan-in `fan_in` (2 = pairwise): every `fan_in` update
   shards go to a leaf task computing the partial weighted sum ``sum_i w_i a_i``
-  (`strategy.streaming.StreamingWeightedMean`, float64 accumulators by default); every
-  `fan_in` partial sums of one level go to a combine task one level up. Object references
+  (`strategy.streaming.StreamingWeightedMean`; float64 accumulators by default, float32
+  when the strategy calls it); every `fan_in` partial sums of one level go to a combine task one level up. Object references
   released by the driver are freed by Ray once the task that reads them is done, so the
   object store holds O(fan_in * tree depth + tasks in flight) shards, not N updates.
 * Backpressure: before putting the next update the driver waits for tasks to finish while

@@ -9,26 +9,37 @@ accumulator per key, in place:
   traffic at the cost of float32 rounding per addition, which is what Flower itself does);
   float64 inputs always accumulate in float64, integer inputs (BatchNorm's
   ``num_batches_tracked``) too;
-* ``acc += w * a`` runs block by block through one small scratch buffer (``block`` elements,
-  sized to stay in the CPU caches), so no array-sized temporary is made per key or update:
-  per element the accumulator is read and written once and the update is read once;
-* peak memory is the accumulators (plus one cache-sized scratch buffer per dtype), whatever
-  the number of updates N.
+* ``acc += w * a`` is one fused pass per array when the update already has the accumulator's
+  dtype (``kernel="torch"``, the default: torch's vectorised, multi-threaded
+  ``add_(a, alpha=w)`` on zero-copy views of the NumPy arrays), so per element the update is
+  read once and the accumulator read and written once.  Otherwise (a float32 or float16 update
+  into wider accumulators, integers, or ``kernel="numpy"``) it runs block by block through one
+  cache-sized scratch buffer: ``w * a`` into the scratch, then one add (two ufunc passes per
+  block, one thread);
+* peak memory is the accumulators (plus, for the NumPy kernel, one small scratch buffer per
+  dtype), whatever the number of updates N.
 
 `result()` divides by the total weight and returns arrays with the first update's (or a given
 reference's) key order, shapes and dtypes; integer arrays are rounded to nearest first, as
-`strategy.aggregation._like_reference` does for Flower's result.  Pure NumPy: no Flower, so
-Ray workers (`strategy.ray_backend`) use it too.
+`strategy.aggregation._like_reference` does for Flower's result.  NumPy arrays in and out and no
+Flower, so Ray workers (`strategy.ray_backend`) use it too.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
+# Flower hands replies over as read-only arrays; the torch views of them are only ever read.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                        category=UserWarning)
+
+KERNELS = ("torch", "numpy")
 DEFAULT_BLOCK = 1 << 18  # elements per scratch block: 2 MiB in float64 (measured best on cpu2)
 
 
@@ -50,6 +61,28 @@ def _check_weight(weight: float) -> float:
     return value
 
 
+def _torch_foldable(flat: np.ndarray, acc: np.ndarray) -> bool:
+    """Same float dtype, native byte order.  A float32 update into a float64 accumulator is
+    left to the NumPy kernel: torch casts the whole source first (a full-size temporary), which
+    measured slower than NumPy's cache-sized scratch blocks (bench/aggregate.py)."""
+    return (flat.dtype == acc.dtype and flat.dtype.kind == "f" and flat.dtype.isnative
+            and flat.size > 0)
+
+
+def _torch_fold(acc: np.ndarray, flat: np.ndarray, weight: float, mode: str) -> None:
+    """One fused pass: acc = w*a ("init"), acc += w*a ("axpy") or acc += a ("add")."""
+    target, source = torch.from_numpy(acc), torch.from_numpy(flat)
+    if mode == "init":
+        if weight == 1.0:
+            target.copy_(source)
+        else:
+            torch.mul(source, weight, out=target)
+    elif mode == "axpy":
+        target.add_(source, alpha=weight)
+    else:
+        target.add_(source)
+
+
 class StreamingWeightedMean:
     """Weighted mean of updates given one at a time, accumulated in place.
 
@@ -68,10 +101,13 @@ class StreamingWeightedMean:
     threads : int (default: 1)
         Split each update's elements into this many contiguous parts, folded by as many
         threads (NumPy releases the GIL in its loops). Each part has its own scratch buffer.
+        With the torch kernel leave it at 1: torch already uses its intra-op threads.
+    kernel : "torch" (default) or "numpy"
+        What folds floating-point arrays (integer arrays always use NumPy).
     """
 
     def __init__(self, accumulate_dtype: str | np.dtype = "float64",
-                 block: int = DEFAULT_BLOCK, threads: int = 1) -> None:
+                 block: int = DEFAULT_BLOCK, threads: int = 1, kernel: str = "torch") -> None:
         self.accumulate_dtype = np.dtype(accumulate_dtype)
         if self.accumulate_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise ValueError(f"accumulate_dtype must be float32 or float64, got {accumulate_dtype}")
@@ -79,6 +115,9 @@ class StreamingWeightedMean:
             raise ValueError(f"block must be >= 1, got {block}")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.block = int(block)
         self.threads = int(threads)
         self._acc: dict[str, np.ndarray] = {}      # flat accumulators
@@ -129,6 +168,9 @@ class StreamingWeightedMean:
             flat = flats[key]
             if start or stop != flat.size:
                 flat = flat[start:stop]
+            if self.kernel == "torch" and _torch_foldable(flat, acc):
+                _torch_fold(acc, flat, weight, mode)
+                continue
             if mode == "init":
                 if weight == 1.0 and acc.dtype == flat.dtype:
                     np.copyto(acc, flat)
@@ -278,9 +320,9 @@ def finalize(total: np.ndarray, total_weight: float, dtype: np.dtype,
 def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], float]], *,
                   like: Mapping[str, np.ndarray] | None = None,
                   accumulate_dtype: str | np.dtype = "float64",
-                  threads: int = 1) -> dict[str, np.ndarray]:
+                  threads: int = 1, kernel: str = "torch") -> dict[str, np.ndarray]:
     """Weighted mean of ``(arrays, weight)`` pairs, consumed one at a time."""
-    acc = StreamingWeightedMean(accumulate_dtype, threads=threads)
+    acc = StreamingWeightedMean(accumulate_dtype, threads=threads, kernel=kernel)
     try:
         for arrays, weight in updates:
             acc.add(arrays, weight)

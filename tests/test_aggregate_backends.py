@@ -75,9 +75,11 @@ def flower_fedavg(ups: list[dict[str, np.ndarray]], weights: list[float]) -> dic
 
 @pytest.mark.parametrize("accumulate", ["float64", "float32"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_streaming_equals_weighted_average_and_flower(accumulate: str, threads: int) -> None:
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+def test_streaming_equals_weighted_average_and_flower(accumulate: str, threads: int,
+                                                      kernel: str) -> None:
     ups = updates()
-    acc = StreamingWeightedMean(accumulate, block=1000, threads=threads)
+    acc = StreamingWeightedMean(accumulate, block=1000, threads=threads, kernel=kernel)
     for u, w in zip(ups, WEIGHTS):
         acc.add(u, w)
     assert acc.count == len(ups) and acc.total_weight == sum(WEIGHTS)
@@ -118,6 +120,38 @@ def test_streaming_like_order_and_dtypes_and_errors() -> None:
     acc.result()
     with pytest.raises(RuntimeError):
         acc.add(ups[1], 1)
+
+
+def test_torch_kernel_on_read_only_half_and_foreign_byte_order_updates() -> None:
+    """What Flower hands over: read-only buffers; also float16 wires and a big-endian array
+    (torch cannot view it: the NumPy kernel folds that one)."""
+    rng = np.random.default_rng(3)
+    ups = []
+    for _ in range(4):
+        u = {"w16": rng.standard_normal(70_001).astype(np.float16),
+             "w32": rng.standard_normal((3, 5)).astype(np.float32),
+             "big": rng.standard_normal(9).astype(">f4"),
+             "empty": np.zeros((0, 4), np.float32)}
+        for value in u.values():
+            value.setflags(write=False)
+        ups.append(u)
+    weights = [2.0, 1.0, 0.5, 4.0]
+    want = by_hand(ups, weights)
+    for accumulate in ("float64", "float32"):
+        got = {k: StreamingWeightedMean(accumulate, kernel=k) for k in ("torch", "numpy")}
+        for acc in got.values():
+            for u, w in zip(ups, weights):
+                acc.add(u, w)
+        torch_mean, numpy_mean = got["torch"].result(), got["numpy"].result()
+        for key in want:
+            assert torch_mean[key].dtype == want[key].dtype and torch_mean[key].shape == \
+                want[key].shape, key
+            np.testing.assert_allclose(torch_mean[key].astype(np.float64),
+                                       numpy_mean[key].astype(np.float64), rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(torch_mean[key].astype(np.float64),
+                                       want[key].astype(np.float64), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="kernel"):
+        StreamingWeightedMean(kernel="cuda")
 
 
 def test_merge_of_partial_sums_equals_one_pass() -> None:
