@@ -124,8 +124,11 @@ def bench_compile(device: torch.device, smoke: bool, peak_tflops: float, classes
     s = median_seconds(lambda: train_step(models, x, y, opt, device), device,
                        iters=3 if smoke else 12, warmup=2)
     eager = next((r for r in eager_rows if r["recipe"] == "stage2" and r["batch"] == batch), None)
-    return {"recipe": "stage2", "batch": batch, "compile_seconds": compile_s,
-            "img_per_s": batch / s, "eager_img_per_s": eager["img_per_s"] if eager else None}
+    out = {"recipe": "stage2", "batch": batch, "compile_seconds": compile_s,
+           "img_per_s": batch / s, "eager_img_per_s": eager["img_per_s"] if eager else None}
+    if eager and "gflop_per_img" in eager:      # same model and batch: same FLOPs per image
+        out["fraction_of_measured_peak"] = eager["gflop_per_img"] * batch / s / 1e3 / peak_tflops
+    return out
 
 
 def fmt_tables(res: dict) -> str:
@@ -158,7 +161,9 @@ def fmt_tables(res: dict) -> str:
     if comp and "img_per_s" in comp:
         lines.append(f"\ntorch.compile (stage-2 recognizer, batch {comp['batch']}): "
                      f"{comp['img_per_s']:.0f} img/s vs eager {comp['eager_img_per_s'] or 0:.0f} "
-                     f"(compile {comp['compile_seconds']:.0f} s)")
+                     f"(compile {comp['compile_seconds']:.0f} s)"
+                     + (f", {100 * comp['fraction_of_measured_peak']:.1f}% of peak"
+                        if "fraction_of_measured_peak" in comp else ""))
     for key in ("errors",):
         if res.get(key):
             lines.append(f"\nerrors: {res[key]}")
