@@ -149,6 +149,35 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarr
     return [order[s:s + bs] for s in range(0, n - bs + 1, bs)]
 
 
+def _fit(model: nn.Module, views: ViewsFn, faces: torch.Tensor, targets: torch.Tensor,
+         loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
+         epochs: int, batch_size: int, lr: float, seed: int, fresh_views: bool, progress: bool,
+         desc: str, metric: str, min_batch: int = 1) -> nn.Module:
+    """The attackers' shared loop: Adam(lr) on `loss_fn(model, views, targets)` over the
+    auxiliary faces, fresh views per batch (or made once), seeded batches; eval mode after."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    fixed = None if fresh_views else views(faces)
+    rng = np.random.default_rng(seed)
+    steps = [_batches(len(faces), batch_size, rng) for _ in range(epochs)]
+    bar = tqdm(total=sum(len(s) for s in steps), desc=desc, unit="step", disable=not progress,
+               leave=False)
+    model.train()
+    for epoch_batches in steps:
+        for idx in epoch_batches:
+            if len(idx) < min_batch:
+                continue
+            idx_t = torch.from_numpy(idx)
+            v = views(faces[idx_t]) if fixed is None else fixed[idx_t]
+            loss = loss_fn(model, v, targets[idx_t])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix({metric: f"{loss.item():.4f}"}, refresh=False)
+    bar.close()
+    return model.eval()
+
+
 def train_inverter(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray, epochs: int,
                    batch_size: int, lr: float = 1e-3, width: int = 16, seed: int = 0,
                    fresh_views: bool = True, progress: bool = True,
@@ -161,28 +190,12 @@ def train_inverter(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray, epochs:
     Returns the model in eval mode.
     """
     faces = as_faces(aux_faces)
-    targets = to_unit(faces)
     torch.manual_seed(seed)
     model = Inverter(width)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    fixed = None if fresh_views else views(faces)
-    rng = np.random.default_rng(seed)
-    steps = [_batches(len(faces), batch_size, rng) for _ in range(epochs)]
-    bar = tqdm(total=sum(len(s) for s in steps), desc=desc, unit="step", disable=not progress,
-               leave=False)
-    model.train()
-    for epoch_batches in steps:
-        for idx in epoch_batches:
-            idx_t = torch.from_numpy(idx)
-            v = views(faces[idx_t]) if fixed is None else fixed[idx_t]
-            loss = F.l1_loss(model(v), targets[idx_t])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(l1=f"{loss.item():.4f}", refresh=False)
-    bar.close()
-    return model.eval()
+    return _fit(model, views, faces, to_unit(faces),
+                lambda m, v, target: F.l1_loss(m(v), target),
+                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, fresh_views=fresh_views,
+                progress=progress, desc=desc, metric="l1")
 
 
 @torch.no_grad()
@@ -216,29 +229,12 @@ def train_linkage_student(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray,
     torch.manual_seed(seed)
     student = build_backbone(backbone, in_channels=3, width=width,
                              embedding_size=targets.shape[1])
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
-    fixed = None if fresh_views else views(faces)
-    rng = np.random.default_rng(seed)
-    bs = max(2, batch_size)                       # BatchNorm needs two samples
-    steps = [_batches(len(faces), bs, rng) for _ in range(epochs)]
-    bar = tqdm(total=sum(len(s) for s in steps), desc="linkage student", unit="step",
-               disable=not progress, leave=False)
-    student.train()
-    for epoch_batches in steps:
-        for idx in epoch_batches:
-            if len(idx) < 2:
-                continue
-            idx_t = torch.from_numpy(idx)
-            v = views(faces[idx_t]) if fixed is None else fixed[idx_t]
-            out = student(v * 2.0 - 1.0)
-            loss = (1.0 - F.cosine_similarity(out, targets[idx_t], dim=1)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(cos_loss=f"{loss.item():.4f}", refresh=False)
-    bar.close()
-    return student.eval()
+    return _fit(student, views, faces, targets,
+                lambda m, v, target: (1.0 - F.cosine_similarity(m(v * 2.0 - 1.0), target,
+                                                                dim=1)).mean(),
+                epochs=epochs, batch_size=max(2, batch_size),   # BatchNorm needs two samples
+                lr=lr, seed=seed, fresh_views=fresh_views, progress=progress,
+                desc="linkage student", metric="cos_loss", min_batch=2)
 
 
 def student_embed_fn(student: nn.Module, flip: bool = False,
