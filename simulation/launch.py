@@ -109,6 +109,36 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
+def submit_run(app_dir: Path, connection: str, env: Mapping[str, str],
+               run_config: Mapping[str, object],
+               federation_config: Mapping[str, object] | None = None,
+               error: type[Exception] = RuntimeError) -> int:
+    """`flwr run APP CONNECTION`; the run id, or `error` with what flwr printed."""
+    cmd = [_bin("flwr"), "run", str(app_dir), connection, "--format", "json",
+           "--run-config", config_arg(run_config)]
+    if federation_config:
+        cmd += ["--federation-config", config_arg(federation_config)]
+    submitted = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=300)
+    try:
+        return int(json.loads(submitted.stdout)["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise error(f"flwr run failed (exit {submitted.returncode}):\n"
+                    f"{submitted.stdout}\n{submitted.stderr}") from None
+
+
+def run_status(run_id: int, connection: str, env: Mapping[str, str],
+               error: type[Exception] = RuntimeError) -> dict:
+    """The run's `flwr ls --format json` entry (status, status-details, ...)."""
+    listing = subprocess.run([_bin("flwr"), "ls", connection, "--run-id", str(run_id),
+                              "--format", "json"], env=dict(env), capture_output=True,
+                             text=True, timeout=60)
+    try:
+        return dict(json.loads(listing.stdout)["runs"][0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise error(f"flwr ls failed (exit {listing.returncode}):\n"
+                    f"{listing.stdout}\n{listing.stderr}") from None
+
+
 def run_simulation(run_config: Mapping[str, object], num_supernodes: int = 2, *,
                    app_dir: Path = ROOT, num_cpus: int = 1, num_gpus: float = 0.0,
                    federation_extra: Mapping[str, object] | None = None,
@@ -137,22 +167,11 @@ def run_simulation(run_config: Mapping[str, object], num_supernodes: int = 2, *,
             f.write(f'\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
         fed = {"num-supernodes": num_supernodes, "client-resources-num-cpus": num_cpus,
                "client-resources-num-gpus": num_gpus, **(federation_extra or {})}
-        submitted = subprocess.run(
-            [_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json",
-             "--run-config", config_arg(run_config), "--federation-config", config_arg(fed)],
-            env=environment, capture_output=True, text=True, timeout=300)
-        try:
-            run_id = int(json.loads(submitted.stdout)["run-id"])
-        except (ValueError, KeyError, TypeError):
-            raise RuntimeError(f"flwr run failed (exit {submitted.returncode}):\n"
-                               f"{submitted.stdout}\n{submitted.stderr}") from None
+        run_id = submit_run(app_dir, CONNECTION, environment, run_config, fed)
         logs = subprocess.run([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                               env=environment, capture_output=not echo, text=True,
                               timeout=timeout)
-        listing = subprocess.run([_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id),
-                                  "--format", "json"], env=environment, capture_output=True,
-                                 text=True, timeout=60)
-        run = json.loads(listing.stdout)["runs"][0]
+        run = run_status(run_id, CONNECTION, environment)
         return SimulationResult(run_id=run_id, status=str(run.get("status")),
                                 details=str(run.get("status-details", "")),
                                 seconds=time.perf_counter() - t0,

@@ -38,7 +38,7 @@ import torch
 from federation.deploy.local import (CONNECTION, NODE_KEY_PREFIX, _cli, _popen, _prepare_keys,
                                      _tail, register_node, superlink_command, supernode_command,
                                      wait_healthy_tls, write_connection)
-from simulation.launch import ROOT, _bin, config_arg, flwr_env, free_port, stop
+from simulation.launch import ROOT, _bin, flwr_env, free_port, run_status, stop, submit_run
 from tests.test_deploy_local import _group_gone
 from tests.test_federation import tiny_config
 
@@ -180,12 +180,7 @@ class Federation:
         return ""
 
     def submit(self, run_config: Mapping[str, object]) -> int:
-        r = _cli(["run", str(ROOT), CONNECTION, "--format", "json",
-                  "--run-config", config_arg(run_config)], self.env, timeout=300)
-        try:
-            run_id = int(json.loads(r.stdout)["run-id"])
-        except (ValueError, KeyError, TypeError):
-            pytest.fail(f"flwr run failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        run_id = submit_run(ROOT, CONNECTION, self.env, run_config)
         self.follow(run_id)
         return run_id
 
@@ -214,12 +209,10 @@ class Federation:
         return self.logs / f"run-{run_id}.log"
 
     def status(self, run_id: int) -> str:
-        r = _cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], self.env,
-                 timeout=60)
         try:
-            run = json.loads(r.stdout)["runs"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            return f"unknown (flwr ls exit {r.returncode}: {r.stdout[-300:]} {r.stderr[-300:]})"
+            run = run_status(run_id, CONNECTION, self.env)
+        except RuntimeError as e:          # the SuperLink may be down on purpose
+            return f"unknown ({str(e)[-600:]})"
         details = str(run.get("status-details") or "")
         if run.get("status") != COMPLETED and details not in ("", "N/A"):
             return f"{run.get('status')} ({details})"

@@ -38,7 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulation.launch import ROOT, _bin, config_arg, flwr_env, free_port, stop
+from simulation.launch import (ROOT, _bin, config_arg, flwr_env, free_port, run_status, stop,
+                               submit_run)
 
 from .keys import make_ca_and_server_cert, make_node_keys
 
@@ -253,13 +254,7 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
             started.append(p)
             supernodes.append(p)
 
-        submitted = _cli(["run", str(app_dir), CONNECTION, "--format", "json",
-                          "--run-config", config_arg(cfg)], env, timeout=300)
-        try:
-            run_id = int(json.loads(submitted.stdout)["run-id"])
-        except (ValueError, KeyError, TypeError):
-            raise DeployError(f"flwr run failed (exit {submitted.returncode}):\n"
-                              f"{submitted.stdout}\n{submitted.stderr}") from None
+        run_id = submit_run(app_dir, CONNECTION, env, cfg, error=DeployError)
 
         follower = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -291,13 +286,7 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
         stop(follower, timeout=5)
         reader.join(5)
 
-        listing = _cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env,
-                       timeout=60)
-        try:
-            run = json.loads(listing.stdout)["runs"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise DeployError(f"flwr ls failed (exit {listing.returncode}):\n"
-                              f"{listing.stdout}\n{listing.stderr}") from None
+        run = run_status(run_id, CONNECTION, env, error=DeployError)
         details = str(run.get("status-details", "") or "")
         if run.get("status") != COMPLETED and "database is locked" in _tail(sl_log, 100_000):
             details += ("\nSuperLink log: 'sqlite3.OperationalError: database is locked' (Flower's "
