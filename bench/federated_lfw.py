@@ -1,6 +1,8 @@
 """Federated vs centralized MinusFace on one LFW View 2 fold: same preset, same epochs.
 
     python bench/federated_lfw.py --preset gpu-small --fold 0 --clients 10 --epochs 8
+    python bench/federated_lfw.py --preset cpu-small --only federated --federated-stages stage1 \
+        --wire-dtype float32,float16 --epochs 3 --max-identities 150   # wire-dtype effect, CPU
 
 Rows, all trained on the identities outside the test fold (identity-disjoint) and tested on the
 fold's 600 pairs with flip TTA:
@@ -35,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from clients.data import FaceDataset, load_faces, pair_index, view2_fold_split  # noqa: E402
 from clients.local import local_train, stage_models  # noqa: E402
-from federation.protocol import STAGE1, STAGE2, initial_arrays, lr_for_round, unflatten  # noqa: E402
+from federation.protocol import (STAGE1, STAGE2, WIRE_DTYPES, from_wire,  # noqa: E402
+                                 initial_arrays, lr_for_round, to_wire, unflatten)
 from minusface.presets import Preset, get_preset  # noqa: E402
 from minusface.trainer import Trainer, default_device, evaluate_verification  # noqa: E402
 from simulation.partition import partition_identities  # noqa: E402
@@ -89,6 +92,16 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float
     return out
 
 
+def weight_drift(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> float:
+    """||other - reference|| / ||reference|| over all floating-point tensors."""
+    num = den = 0.0
+    for key, ref in reference.items():
+        if ref.is_floating_point():
+            num += float((other[key].double() - ref.double()).pow(2).sum())
+            den += float(ref.double().pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
 def split_sites(train: FaceDataset, num_clients: int, seed: int) -> list[Site]:
     """Uniform identity partition (each identity on exactly one site), labels 0..k-1 per site."""
     labels = np.asarray(train.labels)
@@ -109,31 +122,43 @@ def evaluate(models, test: TestSet, device: torch.device) -> dict:
             "tar@1e-2": m["tar_at_far"][0.01]["tar"], "tar@1e-3": m["tar_at_far"][0.001]["tar"]}
 
 
+def over_wire(state: Mapping[str, torch.Tensor], wire: str) -> dict[str, torch.Tensor]:
+    """What the other side gets: cast to the run config's `wire-dtype` and back to float32
+    (federation/protocol.py's to_wire / from_wire, both ways of every train message)."""
+    return dict(state) if wire == "float32" else from_wire(to_wire(state, wire))
+
+
 def run_federated(preset: Preset, sites: Sequence[Site], rounds: int, test: TestSet,
                   device: torch.device, seed: int = 0,
-                  log: Callable[[str], None] = print) -> dict:
-    """Both stages, `rounds` rounds each, every site every round, one local epoch per round."""
+                  log: Callable[[str], None] = print, wire: str = "float32",
+                  stages: Sequence[str] = (STAGE1, STAGE2)) -> dict:
+    """`stages` (both by default), `rounds` rounds each, every site every round, one local
+    epoch per round; shared weights pass through `wire` dtype in both directions."""
+    if wire not in WIRE_DTYPES:
+        raise ValueError(f"wire must be one of {sorted(WIRE_DTYPES)}, got {wire!r}")
     shared = initial_arrays(STAGE1, preset, seed)
     heads: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     frozen = None
-    out: dict = {"round_seconds": {STAGE1: [], STAGE2: []}}
+    out: dict = {"round_seconds": {STAGE1: [], STAGE2: []}, "wire": wire}
     t_all = time.perf_counter()
-    for stage in (STAGE1, STAGE2):
+    for stage in stages:
         if stage == STAGE2:
-            frozen = {k: v for k, v in shared.items() if k.startswith("generator.")}
+            frozen = over_wire({k: v for k, v in shared.items() if k.startswith("generator.")},
+                               wire)
             shared = initial_arrays(STAGE2, preset, seed + 1)
         for rnd in range(1, rounds + 1):
             t0 = time.perf_counter()
             lr = lr_for_round(preset, rnd, rounds)
             states, weights, losses = [], [], []
+            sent = over_wire(shared, wire)
             for pid, site in enumerate(sites):
                 client_seed = seed * 7919 + pid                      # as clients/client_app.py
-                models = stage_models(stage, preset, site.num_classes, shared, frozen,
+                models = stage_models(stage, preset, site.num_classes, sent, frozen,
                                       heads.get((stage, pid)), seed=client_seed)
                 state, head, metrics = local_train(models, stage, site, preset, lr=lr, epochs=1,
                                                    seed=client_seed + 100 * rnd, device=device)
                 heads[(stage, pid)] = head                           # private: stays on the site
-                states.append(state)
+                states.append(over_wire(state, wire))
                 weights.append(metrics["num-examples"])
                 losses.append(metrics["train_loss"])
             shared = fedavg(states, weights)
@@ -143,6 +168,7 @@ def run_federated(preset: Preset, sites: Sequence[Site], rounds: int, test: Test
                 f"{np.average(losses, weights=weights):.3f}, {seconds:.1f} s")
         evaluator = stage_models(stage, preset, 1, shared, frozen, None).to(device)
         out[stage] = evaluate(evaluator, test, device)
+        out[f"{stage}_state"] = shared
         log(f"[federated {stage}] LFW accuracy {100 * out[stage]['accuracy']:.2f} %")
     out["seconds"] = time.perf_counter() - t_all
     out["generator"] = unflatten(frozen, "generator") if frozen else None
@@ -203,7 +229,19 @@ def main(argv: list[str] | None = None, deadline: float | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="baseline,central,federated",
                     help="comma list of baseline, central, federated")
+    ap.add_argument("--wire-dtype", default="float32",
+                    help="federated rows per wire dtype, comma list (float32,float16 compares "
+                         "them: accuracy and how far the final weights drift apart)")
+    ap.add_argument("--federated-stages", default=f"{STAGE1},{STAGE2}",
+                    help=f"{STAGE1} alone skips stage 2 (wire-dtype studies on a CPU)")
     args = ap.parse_args(argv)
+    wires = [w.strip() for w in args.wire_dtype.split(",") if w.strip()]
+    stages = [x.strip() for x in args.federated_stages.split(",") if x.strip()]
+    for w in wires:
+        if w not in WIRE_DTYPES:
+            ap.error(f"--wire-dtype {w!r}: expected one of {', '.join(WIRE_DTYPES)}")
+    if stages not in ([STAGE1], [STAGE1, STAGE2]):
+        ap.error(f"--federated-stages: {STAGE1} or {STAGE1},{STAGE2}")
     preset = get_preset(args.preset)
     if args.epochs is not None:
         preset = preset.with_(epochs=args.epochs)
@@ -243,12 +281,28 @@ def main(argv: list[str] | None = None, deadline: float | None = None) -> dict:
         if left() < 0:
             rows[f"(c) MinusFace federated, {args.clients} sites"] = {"skipped": "out of time"}
         else:
-            fed = run_federated(preset, sites, preset.epochs, test, device, args.seed)
-            rows[f"(c1) MinusFace federated, {args.clients} sites, stage 1"] = {
-                **fed[STAGE1], "seconds": sum(fed["round_seconds"][STAGE1])}
-            rows[f"(c) MinusFace federated, {args.clients} sites, f_p on X_p"] = {
-                **fed[STAGE2], "seconds": sum(fed["round_seconds"][STAGE2])}
-            results["federated_round_seconds"] = fed["round_seconds"]
+            finals = {}
+            for wire in wires:
+                fed = run_federated(preset, sites, preset.epochs, test, device, args.seed,
+                                    wire=wire, stages=stages)
+                tag = "" if wire == "float32" else f", {wire} wire"
+                rows[f"(c1) MinusFace federated, {args.clients} sites, stage 1{tag}"] = {
+                    **fed[STAGE1], "seconds": sum(fed["round_seconds"][STAGE1])}
+                if STAGE2 in stages:
+                    rows[f"(c) MinusFace federated, {args.clients} sites, f_p on X_p{tag}"] = {
+                        **fed[STAGE2], "seconds": sum(fed["round_seconds"][STAGE2])}
+                results.setdefault("federated_round_seconds", {})[wire] = fed["round_seconds"]
+                finals[wire] = {st: fed[f"{st}_state"] for st in stages}
+                torch.save(finals[wire], args.out / f"federated-{wire}-final.pt")
+                save()
+            reference = args.out / "federated-float32-final.pt"   # from an earlier run, if any
+            if "float32" not in finals and len(finals) and reference.exists():
+                finals["float32"] = torch.load(reference, weights_only=True)
+            if "float32" in finals and len(finals) > 1 and \
+                    all(st in finals["float32"] for st in stages):
+                results["wire_drift"] = {
+                    w: {st: weight_drift(finals["float32"][st], finals[w][st]) for st in stages}
+                    for w in finals if w != "float32"}
         save()
     central = rows.get("(b) MinusFace centralized, f_p on X_p")
     fed_row = rows.get(f"(c) MinusFace federated, {args.clients} sites, f_p on X_p")
@@ -259,6 +313,9 @@ def main(argv: list[str] | None = None, deadline: float | None = None) -> dict:
         results["gap_federated_vs_central_points"] = 100 * (central["accuracy"] - fed_row["accuracy"])
     save()
     print(table(rows))
+    for w, by_stage in results.get("wire_drift", {}).items():
+        for st, d in by_stage.items():
+            print(f"{w} wire vs float32, {st}: final weights differ by {100 * d:.3f} % (relative L2)")
     for key in ("gap_central_vs_unprotected_points", "gap_federated_vs_central_points"):
         if key in results:
             print(f"{key}: {results[key]:+.2f}")

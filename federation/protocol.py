@@ -97,11 +97,25 @@ def run_config(raw: Mapping[str, object]) -> dict[str, object]:
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+# BatchNorm running statistics stay float32 on any wire: the BN after the recognizer's first
+# conv sees the 192-channel residue (DCT coefficients up to ~800), and its running variance
+# passes float16's largest value (65,504) within a few epochs.  Cast, it becomes inf: the
+# server rejects every reply as non-finite (a real run) or evaluates a constant model (LFW
+# accuracy 50.0 %, AUC 0.500, in bench/federated_lfw.py before this rule).  They are a few
+# hundred numbers per model, so the bytes barely change.
+FULL_PRECISION_SUFFIXES = (".running_mean", ".running_var")
+
+
+def stays_float32(key: str) -> bool:
+    return key.endswith(FULL_PRECISION_SUFFIXES)
+
+
 def to_wire(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Floating-point tensors cast to the wire dtype; integer buffers (BatchNorm step counts)
-    unchanged."""
+    """Floating-point tensors cast to the wire dtype, except BatchNorm running statistics
+    (`stays_float32`); integer buffers (BatchNorm step counts) unchanged."""
     target = WIRE_DTYPES[dtype]
-    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to(target) if v.is_floating_point() and not stays_float32(k) else v
+            for k, v in state.items()}
 
 
 def from_wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -68,3 +68,20 @@ def test_run_federated_tiny_both_stages(tmp_path):
         assert 0.0 <= out[stage]["accuracy"] <= 1.0
         assert len(out["round_seconds"][stage]) == 1
     assert out["generator"] is not None and "enc1.0.weight" in out["generator"]
+
+
+def test_over_wire_rounds_floats_both_ways_and_keeps_integers():
+    state = {"w": torch.tensor([1.0 + 2 ** -12, 3.0]), "n": torch.tensor(7)}
+    assert fl.over_wire(state, "float32")["w"][0] == state["w"][0]
+    got = fl.over_wire(state, "float16")
+    assert got["w"].dtype == torch.float32 and float(got["w"][0]) == 1.0   # 11-bit mantissa
+    assert got["n"].dtype == torch.int64 and int(got["n"]) == 7
+    with pytest.raises(ValueError, match="wire"):
+        fl.run_federated(get_preset("tiny"), [], 1, None, torch.device("cpu"), wire="int8")
+
+
+def test_weight_drift_is_relative_l2_over_float_tensors():
+    ref = {"a": torch.tensor([3.0, 4.0]), "n": torch.tensor(5)}
+    other = {"a": torch.tensor([3.0, 4.5]), "n": torch.tensor(9)}
+    assert fl.weight_drift(ref, ref) == 0.0
+    assert abs(fl.weight_drift(ref, other) - 0.1) < 1e-12

@@ -10,7 +10,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.protocol import FROZEN_GENERATOR, STAGE1, STAGE2, unflatten
+from federation.protocol import (FROZEN_GENERATOR, STAGE1, STAGE2, from_wire, stays_float32,
+                                 to_wire, unflatten)
 from federation.server_app import initial_arrays
 from minusface.presets import get_preset
 
@@ -157,8 +158,8 @@ def test_wire_dtype_float16_halves_the_bytes_and_keeps_a_float32_master(lfw_root
     grid = run_inprocess(tiny_config(lfw_root, out, **{"wire-dtype": "float16",
                                                        "stage2-rounds": 0}), 2)
     full = initial_arrays(STAGE1, get_preset("tiny"), 0)
-    expected = sum(v.numel() * (2 if v.is_floating_point() else v.element_size())
-                   for v in full.values())
+    expected = sum(v.numel() * (2 if v.is_floating_point() and not stays_float32(k)
+                                else v.element_size()) for k, v in full.items())
     sent = [b["array_bytes"] for b in grid.bytes_sent if b["type"] == "train"]
     assert sent == [expected, expected]                  # both sites replied in float16
     assert expected < 0.51 * sum(v.numel() * v.element_size() for v in full.values())
@@ -167,6 +168,23 @@ def test_wire_dtype_float16_halves_the_bytes_and_keeps_a_float32_master(lfw_root
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     floats = [v for v in ck["arrays"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float32 for v in floats)
+
+
+def test_float16_wire_keeps_batchnorm_statistics_finite():
+    """The recognizer's first BN sees DCT-sized inputs: its running variance outgrows float16."""
+    state = {"f.input_layer.1.running_var": torch.tensor([3.0e5, 1.0]),
+             "f.input_layer.1.running_mean": torch.tensor([1576.9, -2.0]),
+             "f.input_layer.1.weight": torch.tensor([1.0 + 2 ** -12, 0.5]),
+             "f.input_layer.1.num_batches_tracked": torch.tensor(7)}
+    wire = to_wire(state, "float16")
+    assert wire["f.input_layer.1.running_var"].dtype == torch.float32
+    assert wire["f.input_layer.1.running_mean"].dtype == torch.float32
+    assert wire["f.input_layer.1.weight"].dtype == torch.float16
+    assert wire["f.input_layer.1.num_batches_tracked"].dtype == torch.int64
+    back = from_wire(wire)
+    assert all(torch.isfinite(v.float()).all() for v in back.values())
+    assert torch.equal(back["f.input_layer.1.running_var"], state["f.input_layer.1.running_var"])
+    assert not torch.isfinite(state["f.input_layer.1.running_var"].half()).all()   # why
 
 
 def test_wire_dtype_is_validated():
