@@ -47,7 +47,11 @@ class DroppingTlsServer:
             raw.settimeout(5)
             self.connections += 1
             if self.connections <= self.drops:
-                raw.close()                  # the client's ClientHello meets a plain TCP close
+                try:                         # read the ClientHello first: closing with unread
+                    raw.recv(65536)          # data would send a reset instead of the EOF
+                except OSError:
+                    pass
+                raw.close()                  # the client's handshake meets a plain TCP close
                 continue
             try:
                 tls = self.ctx.wrap_socket(raw, server_side=True)
