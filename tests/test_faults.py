@@ -62,6 +62,25 @@ def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in lines if "client" not in r], [r for r in lines if "client" in r]
 
 
+def deploy_one_round(tmp_path: Path, capsys, label: str, cfg: dict,
+                     node_configs: list[dict]) -> tuple:
+    """One completed 1-round deployment (one SuperNode per node config, in-memory SuperLink
+    state): (result, node ids in node-config order, round lines, client line by node id)."""
+    from federation.deploy.local import deploy_local
+    t0 = time.perf_counter()
+    result = deploy_local(tmp_path / "deploy", nodes=len(node_configs), run_config=cfg,
+                          timeout=900, node_configs=node_configs, in_memory_state=True)
+    _print(capsys, f"{label}: {result.status} in {time.perf_counter() - t0:.0f} s")
+    assert result.completed, f"{result.status}: {result.details}\n{result.log[-4000:]}"
+    for pgid in result.pids:
+        assert _group_gone(pgid), f"process group {pgid} still alive"
+    logs = tmp_path / "deploy" / "logs"
+    ids = [supernode_id(logs / f"supernode-{i}.log") for i in range(len(node_configs))]
+    rounds, clients = read_metrics(Path(str(cfg["out-dir"])))
+    assert [r["round"] for r in rounds] == [1]
+    return result, ids, rounds, {c["client"]["node_id"]: c["client"] for c in clients}
+
+
 def supernode_id(log_path: Path) -> int:
     """The node id a SuperNode logged at start ("SuperNode ID: N")."""
     found = re.findall(r"SuperNode ID: (\d+)", log_path.read_text(errors="replace"))
@@ -378,25 +397,11 @@ def test_superlink_restart_resumes_after_the_last_checkpointed_round(lfw_root, t
 @pytest.mark.slow
 def test_nan_oversized_and_malformed_updates_are_rejected_round_goes_on(
         lfw_root, tmp_path, capsys):
-    from federation.deploy.local import deploy_local
     out = tmp_path / "run-out"
     faults = [None, "nan", "oversized", "extra-key"]
     cfg = lean_config(lfw_root, out, 4, **{"max-update-norm": 1e4})   # honest norms ~1e2
-    t0 = time.perf_counter()
-    result = deploy_local(tmp_path / "deploy", nodes=4, run_config=cfg, timeout=900,
-                          node_configs=[{"fault": f} if f else {} for f in faults],
-                          in_memory_state=True)
-    wall = time.perf_counter() - t0
-    _print(capsys, f"bad updates: {result.status} in {wall:.0f} s")
-    assert result.completed, f"{result.status}: {result.details}\n{result.log[-4000:]}"
-    for pgid in result.pids:
-        assert _group_gone(pgid), f"process group {pgid} still alive"
-
-    logs = tmp_path / "deploy" / "logs"
-    ids = [supernode_id(logs / f"supernode-{i}.log") for i in range(4)]
-    rounds, clients = read_metrics(out)
-    assert [r["round"] for r in rounds] == [1]
-    by_node = {c["client"]["node_id"]: c["client"] for c in clients}
+    result, ids, rounds, by_node = deploy_one_round(
+        tmp_path, capsys, "bad updates", cfg, [{"fault": f} if f else {} for f in faults])
     assert set(by_node) == set(ids)
     honest = by_node[ids[0]]
     assert honest["accepted"] and honest["problems"] == []
@@ -420,7 +425,6 @@ def test_nan_oversized_and_malformed_updates_are_rejected_round_goes_on(
 @pytest.mark.slow
 def test_empty_and_corrupt_data_folders_fail_clearly_others_continue(lfw_root, tmp_path, capsys):
     """One deployment for both bad folders (each would cost a whole deployment alone)."""
-    from federation.deploy.local import deploy_local
     empty = tmp_path / "site-empty"
     empty.mkdir()
     corrupt = tmp_path / "site-corrupt"
@@ -431,22 +435,10 @@ def test_empty_and_corrupt_data_folders_fail_clearly_others_continue(lfw_root, t
                 b"\xff\xd8\xff\xe0 not really a JPEG " + bytes(range(64)))
     out = tmp_path / "run-out"
     cfg = lean_config(lfw_root, out, 3)
-    t0 = time.perf_counter()
-    result = deploy_local(tmp_path / "deploy", nodes=3, run_config=cfg, timeout=900,
-                          node_configs=[{}, {"data-path": str(empty)},
-                                        {"data-path": str(corrupt)}],
-                          in_memory_state=True)
-    wall = time.perf_counter() - t0
-    _print(capsys, f"empty + corrupt data folders: {result.status} in {wall:.0f} s")
-    assert result.completed, f"{result.status}: {result.details}\n{result.log[-4000:]}"
-    for pgid in result.pids:
-        assert _group_gone(pgid), f"process group {pgid} still alive"
-
+    result, ids, rounds, by_node = deploy_one_round(
+        tmp_path, capsys, "empty + corrupt data folders", cfg,
+        [{}, {"data-path": str(empty)}, {"data-path": str(corrupt)}])
     logs = tmp_path / "deploy" / "logs"
-    ids = [supernode_id(logs / f"supernode-{i}.log") for i in range(3)]
-    rounds, clients = read_metrics(out)
-    assert [r["round"] for r in rounds] == [1]
-    by_node = {c["client"]["node_id"]: c["client"] for c in clients}
     assert by_node[ids[0]]["accepted"]
 
     empty_problem = " ".join(by_node[ids[1]]["problems"])
