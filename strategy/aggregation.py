@@ -56,7 +56,7 @@ BACKENDS = ("flower", "streaming", "ray")
 # Accumulator precision of the "streaming" and "ray" backends.  float32, as Flower's FedAvg
 # accumulates float32 replies: summing N = 100 terms costs at most ~N * 6e-8 relative error,
 # far below a float16 wire's 4.9e-4 per weight, and float32 accumulation runs as one fused
-# pass (2.5-4x the float64 speed in bench/aggregate.py).  float16 replies still accumulate in
+# pass (2.1-2.6x the float64 speed in bench/aggregate.py).  float16 replies still accumulate in
 # float32 (Flower's own arithmetic would sum them in float16).
 BACKEND_ACCUMULATE = "float32"
 
