@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,7 +146,8 @@ def test_commands_for_sites_content():
 def test_deploy_commands_match_flower_flags():
     from pathlib import Path as P
     sl = superlink_command(P("/k"), 9999, P("/o/state.db"))
-    assert sl[1:] == ["--ssl-ca-certfile", "/k/ca.crt", "--ssl-certfile", "/k/server.pem",
+    assert sl[:3] == [sys.executable, "-m", "federation.deploy.superlink"]
+    assert sl[3:] == ["--ssl-ca-certfile", "/k/ca.crt", "--ssl-certfile", "/k/server.pem",
                       "--ssl-keyfile", "/k/server.key", "--enable-supernode-auth",
                       "--host", "127.0.0.1", "--port", "9999", "--database", "/o/state.db",
                       "--disable-runtime-dependency-installation"]
@@ -190,6 +192,7 @@ def test_deploy_local_tls_auth_three_nodes_end_to_end(lfw_root, tmp_path, capsys
     sl_log = (deploy / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1:" in sl_log                           # TLS, loopback
     assert sl_log.count("[Fleet.ActivateNode] Activated node_id=") >= 3   # authenticated nodes
+    assert "SQLite busy_timeout 120000 ms" in sl_log                # the patched SuperLink ran
     conn = (deploy / "flwr-home" / "config.toml").read_text()
     assert f'root-certificates = "{keys / "ca.crt"}"' in conn
     for pgid in result.pids:                                        # everything stopped
@@ -314,3 +317,11 @@ def test_local_keys_are_private_and_reused(tmp_path):
     assert (keys / "ca.crt").read_bytes() == ca and (keys / "supernode-1.pub").read_bytes() == pub
     _prepare_keys(keys, 3)                               # more nodes: node keys recreated
     assert (keys / "supernode-2.pub").exists() and (keys / "ca.crt").read_bytes() == ca
+
+
+def test_sites_on_one_machine_share_its_cores(monkeypatch):
+    from federation.deploy.local import site_thread_env
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert site_thread_env({}, 3)["OMP_NUM_THREADS"] == "2"
+    assert site_thread_env({}, 20)["OMP_NUM_THREADS"] == "1"
+    assert site_thread_env({"OMP_NUM_THREADS": "4"}, 3)["OMP_NUM_THREADS"] == "4"   # user's choice

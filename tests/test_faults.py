@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from federation.deploy.local import (CONNECTION, NODE_KEY_PREFIX, _cli, _popen, _prepare_keys,
-                                     _tail, register_node, superlink_command, supernode_command,
-                                     wait_healthy_tls, write_connection)
+                                     _tail, register_node, site_thread_env, superlink_command,
+                                     supernode_command, wait_healthy_tls, write_connection)
 from simulation.launch import ROOT, _bin, flwr_env, free_port, run_status, stop, submit_run
 from tests.test_deploy_local import _group_gone
 from tests.test_federation import tiny_config
@@ -161,7 +161,7 @@ class Federation:
             cfg = {"partition-id": i, "num-partitions": self.nodes, **self.node_configs[i]}
             cmd = supernode_command(self.address, free_port(), cfg, ca_cert=self.keys / "ca.crt",
                                     private_key=self.keys / f"{NODE_KEY_PREFIX}-{i}")
-            p = _popen(cmd, self.env, self.supernode_log(i), ROOT)
+            p = _popen(cmd, site_thread_env(self.env, self.nodes), self.supernode_log(i), ROOT)
             self.started.append(p)
             self.supernodes.append(p)
 

@@ -8,6 +8,8 @@ authentication key pair per SuperNode under `OUT/keys`, starts
         --enable-supernode-auth --host 127.0.0.1 --port P --database OUT/state.db
         --disable-runtime-dependency-installation
 
+(as `python -m federation.deploy.superlink ...`: the same command with Flower's 5 s SQLite busy
+timeout raised, so a CPU-starved loopback rehearsal does not fail on "database is locked"),
 writes a private `FLWR_HOME` (`OUT/flwr-home/config.toml`) whose connection trusts `ca.crt`,
 registers every SuperNode's public key with `flwr supernode register` *before* starting the
 SuperNodes (each `flower-supernode --root-certificates ca.crt --auth-supernode-private-key KEY
@@ -42,6 +44,7 @@ from simulation.launch import (ROOT, _bin, config_arg, flwr_env, free_port, run_
                                submit_run)
 
 from .keys import make_ca_and_server_cert, make_node_keys
+from .superlink import ENV_BUSY_TIMEOUT
 
 CONNECTION = "minusfed-local"
 NODE_KEY_PREFIX = "supernode"
@@ -104,11 +107,22 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
                           timeout=timeout)
 
 
+def site_thread_env(env: Mapping[str, str], nodes: int) -> dict[str, str]:
+    """All sites share this machine's cores: give each SuperNode (and the ClientApps it spawns)
+    an equal share of threads, so N PyTorch trainers do not each start one thread per core and
+    starve the SuperLink.  A thread count the user already set is kept."""
+    out = dict(env)
+    if "OMP_NUM_THREADS" not in out:
+        out["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, nodes)))
+    return out
+
+
 def superlink_command(keys: Path | None, port: int, database: Path | None,
                       host: str = "127.0.0.1", auth: bool = True) -> list[str]:
-    """`flower-superlink` argv: TLS (+ node auth) with `keys`, `--insecure` when keys is None;
+    """`flower-superlink` argv (through `federation.deploy.superlink`, which raises Flower's 5 s
+    SQLite busy timeout): TLS (+ node auth) with `keys`, `--insecure` when keys is None;
     database None: Flower's in-memory state (no `--database`)."""
-    cmd = [_bin("flower-superlink")]
+    cmd = [sys.executable, "-m", "federation.deploy.superlink"]
     if keys is None:
         cmd.append("--insecure")
     else:
@@ -193,8 +207,9 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
     {"data-path": "/site/faces"}).  insecure=True: plain HTTP and no node authentication (a loud
     warning; loopback development only).  timeout bounds the run itself (then `flwr stop`).
     A SuperNode that dies mid-run stops the run.  in_memory_state=True starts the SuperLink
-    without `--database` (Flower's in-memory SQLite: no state.db, and no "database is locked"
-    500 errors, which the file database's fixed 5 s busy_timeout gives on a CPU-starved machine).
+    without `--database` (Flower's in-memory SQLite: no state.db; its one shared connection never
+    sees "database is locked").  The file database runs with a 120 s busy timeout instead of
+    Flower's 5 s (federation/deploy/superlink.py).
     Always stops every process it started."""
     if nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -244,13 +259,14 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
             for i in range(nodes):                 # BEFORE the SuperNodes start
                 register_node(keys / f"{NODE_KEY_PREFIX}-{i}.pub", env)
 
+        node_env = site_thread_env(env, nodes)
         for i in range(nodes):
             node_cfg = {"partition-id": i, "num-partitions": nodes,
                         **(dict(node_configs[i]) if node_configs else {})}
             cmd = supernode_command(
                 address, free_port(), node_cfg, ca_cert=ca_cert, insecure=insecure,
                 private_key=None if insecure else keys / f"{NODE_KEY_PREFIX}-{i}")
-            p = _popen(cmd, env, sn_logs[i], app_dir)
+            p = _popen(cmd, node_env, sn_logs[i], app_dir)
             started.append(p)
             supernodes.append(p)
 
@@ -289,8 +305,9 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
         run = run_status(run_id, CONNECTION, env, error=DeployError)
         details = str(run.get("status-details", "") or "")
         if run.get("status") != COMPLETED and "database is locked" in _tail(sl_log, 100_000):
-            details += ("\nSuperLink log: 'sqlite3.OperationalError: database is locked' (Flower's "
-                        "5 s SQLite busy_timeout on a busy machine); retry, or use in_memory_state")
+            details += ("\nSuperLink log: 'sqlite3.OperationalError: database is locked' (a writer "
+                        f"waited longer than the SQLite busy timeout, ${ENV_BUSY_TIMEOUT}); "
+                        "raise it, retry, or use in_memory_state")
         if run.get("status") != COMPLETED:          # the ServerApp's traceback lands here
             details += f"\nlast lines of {sl_log}:\n{_tail(sl_log, 40)}"
         return DeployResult(status=str(run.get("status")), run_id=run_id,
@@ -324,6 +341,9 @@ def commands_for_sites(nodes: int = 3, *, host: str = "superlink.example.org", p
             f"{k}/server.pem", "--ssl-keyfile", f"{k}/server.key", "--enable-supernode-auth",
             "--host", "0.0.0.0", "--port", str(port), "--database", "state.db",
             "--disable-runtime-dependency-installation"]),
+        f"#    (or `python -m federation.deploy.superlink` with the same flags where minusfed is "
+        f"installed:\n#    Flower's 5 s SQLite busy timeout raised to "
+        f"${ENV_BUSY_TIMEOUT}, default 120 s)",
         "",
         f"# 2. Operator machine: add to $FLWR_HOME/config.toml (absolute path to ca.crt)",
         f"#    [superlink.{connection}]",
