@@ -1,16 +1,24 @@
 """Front-end throughput on this machine: e, d, g (w = 64 and w = 16) and protect().
 
     python bench/transform.py [--batch 32] [--repeats 3] [--threads N]
+    python bench/transform.py --compare-allocators     # every MINUSFED_ALLOCATOR mode side by side
 
 Prints img/s per stage and the ratio (e + d) / g(w = 64), all measured side by side in one run
 (best of `repeats`), plus protect() latency at batch 1 and protect() img/s at batch 1, 32 and 256
 (--protect-batches).  GPU numbers: bench/gpu.sh.  Target (issue 1): (e + d) <= 5% of g.
+`--compare-allocators` runs the same measurement in one child process per allocator mode
+(MINUSFED_ALLOCATOR, minusface/runtime.py: the settings are per process and PyTorch reads its
+huge-page switch once), alternating the modes twice, and prints best-of per mode with each
+child's peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -24,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from minusface.dct import decode, encode  # noqa: E402
 from minusface.frontend import MinusFaceFrontend  # noqa: E402
 from minusface.generator import UNetGenerator  # noqa: E402
-from minusface.runtime import tune_allocator  # noqa: E402
+from minusface.runtime import (ALLOCATOR_ENV, MODES, THP_ENV, allocator_mode,  # noqa: E402
+                               tune_allocator)
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -45,10 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels-last", action="store_true", help="run g in channels_last")
     ap.add_argument("--protect-batches", type=int, nargs="*", default=[1, 32, 256],
                     help="protect() img/s at these batch sizes (w = 64; one timed call at >= 64)")
+    ap.add_argument("--compare-allocators", action="store_true",
+                    help="one child process per allocator mode, alternating, twice")
+    ap.add_argument("--json", action="store_true", help="print one JSON line (for the parent)")
     args = ap.parse_args(argv)
+    if args.compare_allocators:
+        return compare_allocators(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tune_allocator()
+    if not tune_allocator():
+        print(f"warning: glibc refused allocator mode {allocator_mode()}", file=sys.stderr)
     torch.manual_seed(0)
     b = args.batch
     faces = torch.rand(b, 3, 112, 112) * 2 - 1
@@ -74,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             protect_rates[pb] = pb / secs
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "unknown"
+    if args.json:
+        print(json.dumps({"seconds": rows, "latency_b1": lat, "protect_img_s": protect_rates,
+                          "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return 0
     print(f"{platform.node()} {platform.machine()} torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {b}, commit {commit}, "
           f"{time.strftime('%Y-%m-%d')}")
@@ -86,6 +105,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"protect() latency at batch 1 (w = 64): {1000 * lat:.1f} ms per image")
     for pb, rate in protect_rates.items():
         print(f"protect() at batch {pb} (w = 64): {rate:.1f} img/s")
+    return 0
+
+
+def compare_allocators(args: argparse.Namespace) -> int:
+    """Each allocator mode in its own child process, modes alternating, `rounds` times."""
+    child = [sys.executable, str(Path(__file__).resolve()), "--json", "--batch", str(args.batch),
+             "--repeats", str(args.repeats), "--protect-batches", *map(str, args.protect_batches)]
+    if args.threads:
+        child += ["--threads", str(args.threads)]
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    for _ in range(2):
+        for mode in MODES:
+            env = {k: v for k, v in os.environ.items() if k != THP_ENV}
+            out = subprocess.run(child, capture_output=True, text=True, cwd=ROOT, check=True,
+                                 env={**env, ALLOCATOR_ENV: mode})
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    b = args.batch
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp_setting = thp.read_text().strip() if thp.exists() else "n/a"
+    print(f"{platform.node()} torch {torch.__version__}, batch {b}, commit {commit}, "
+          f"{time.strftime('%Y-%m-%d')}; best of 2 child processes per mode, alternating; "
+          f"kernel THP: {thp_setting}")
+    pb = max(args.protect_batches) if args.protect_batches else None
+    print(f"| allocator | e ms/img | d ms/img | g(w=64) ms/img | (e + d) / g | protect() img/s "
+          f"(batch {pb}) | peak RSS MB |\n|---|---|---|---|---|---|---|")
+    for mode, rs in runs.items():
+        best = {k: min(r["seconds"][k] for r in rs) for k in rs[0]["seconds"]}
+        e, d, g = best["e (encode)"], best["d (decode)"], best["g (w = 64)"]
+        rate = max(r["protect_img_s"][str(pb)] for r in rs) if pb else float("nan")
+        rss = max(r["maxrss_mb"] for r in rs)
+        print(f"| {mode} | {1000 * e / b:.2f} | {1000 * d / b:.2f} | {1000 * g / b:.1f} | "
+              f"{(e + d) / g:.3f} | {rate:.2f} | {rss:.0f} |")
     return 0
 
 

@@ -10,8 +10,9 @@ sums to one, so colour conversion commutes with resampling and can be done at 11
 left is separable and linear per plane: e = M Y M^T with M = blockDCT @ Upsample (896x112) and
 d = P C P^T with P = Downsample @ blockIDCT (112x896).  Both matrices are banded: the 8 rows of
 block i of M read at most 3 neighbouring source pixels, and each row of P reads at most 2
-neighbouring 8-coefficient blocks.  We store only those bands and apply them with a gather and a
-small contraction, so the work is proportional to the 192x112x112 tensor itself (memory bound).
+neighbouring 8-coefficient blocks.  We store only those bands and apply them as three shifted
+slices (e) and a per-block contraction (d), so the work is proportional to the 192x112x112
+tensor itself (memory bound).
 The banded weights are taken from torch's own interpolation kernels (interpolating identity
 matrices in float64), so the resampling matches `F.interpolate` to rounding.
 """
@@ -71,6 +72,18 @@ def _bands() -> dict[str, torch.Tensor]:
     idx_e = start[:, None] + torch.arange(taps_e)[None, :]            # (112, taps)
     w_e = torch.gather(enc.view(SIZE, BLOCK, SIZE), 2,
                        idx_e[:, None, :].expand(SIZE, BLOCK, taps_e))   # (block i, freq u, tap)
+    # The same band by offset from the block's own pixel: block i reads source pixels i-1, i, i+1
+    # (0.99218 i <= source coordinate <= 0.99218 i + 0.868), so e is three shifted slices of a
+    # zero-padded plane, with no gather: shift_e[o, u, i] weighs source pixel i + o - 1.
+    shift_e = torch.zeros(3, BLOCK, SIZE, dtype=torch.float64)
+    for t in range(taps_e):
+        offset = idx_e[:, t] - torch.arange(SIZE)                      # per block
+        live = w_e[:, :, t].abs().amax(dim=1) > 0
+        assert bool(((offset[live] >= -1) & (offset[live] <= 1)).all()), "encoder band > 3 wide"
+        for o in (-1, 0, 1):
+            sel = live & (offset == o)
+            shift_e[o + 1][:, sel] += w_e[sel, :, t].T
+    assert torch.allclose(torch.einsum("oui->iu", shift_e), torch.einsum("iut->iu", w_e))
 
     # Decoder: output pixel p of the 1/8 down-sampling reads 896-grid rows floor(p*895/111) and
     # the next one; both always lie in coefficient block p (the offset inside the block is
@@ -82,18 +95,16 @@ def _bands() -> dict[str, torch.Tensor]:
     off_block[torch.arange(SIZE), torch.arange(SIZE)] = 0.0
     assert float(off_block.abs().max()) == 0.0, "decoder band left block p"
     w_d = dec_blocks[torch.arange(SIZE), torch.arange(SIZE)]         # (p, freq u)
-    return {"idx_e": idx_e, "w_e": w_e, "w_d": w_d, "enc": enc, "dec": dec}
+    return {"idx_e": idx_e, "w_e": w_e, "shift_e": shift_e, "w_d": w_d, "enc": enc, "dec": dec}
 
 
 @lru_cache(maxsize=None)
 def _bands_on(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     b = _bands()
-    # Tap-major encoder layout: each tap is one gather and one broadcast multiply-add.
-    w_e = b["w_e"].permute(2, 1, 0).contiguous()                      # (tap, u, i)
     w_d = b["w_d"].T.contiguous()                                     # (u, p)
     fwd = RGB_TO_YCBCR * 255.0                                        # acts on [0, 1] RGB
     inv = YCBCR_TO_RGB / 255.0
-    return (b["idx_e"].T.contiguous().to(device), w_e.to(device, dtype), w_d.to(device, dtype),
+    return (b["shift_e"].to(device, dtype), w_d.to(device, dtype),
             fwd.to(device, dtype), inv.to(device, dtype))
 
 
@@ -124,21 +135,20 @@ def encode(img: torch.Tensor) -> torch.Tensor:
 
 
 def _encode(img: torch.Tensor) -> torch.Tensor:
-    idx, w, _, fwd, _ = _bands_on(img.device, img.dtype)
+    w, _, fwd, _ = _bands_on(img.device, img.dtype)                   # w: (offset, u, block)
     n = img.shape[0]
     ycc = _colour(img * 0.5 + 0.5, fwd)
     ycc = ycc - torch.tensor([128.0, 0.0, 0.0], device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
-    # Rows: rows[n, c, u, i, w] = sum_k w[k, u, i] * ycc[n, c, start_i + k, w]
-    rows = None
-    for k in range(idx.shape[0]):
-        term = ycc.index_select(2, idx[k]).unsqueeze(2) * w[k].view(1, 1, BLOCK, SIZE, 1)
-        rows = term if rows is None else rows + term
-    # Columns: out[n, c, u, v, i, j] = sum_l w[l, v, j] * rows[n, c, u, i, start_j + l]
-    out = None
-    for k in range(idx.shape[0]):
-        src = rows.index_select(4, idx[k]).unsqueeze(3)              # (n, 3, 8, 1, 112, 112)
-        wk = w[k].view(1, 1, 1, BLOCK, 1, SIZE)
-        out = src * wk if out is None else out.addcmul_(src, wk)
+    # Rows: rows[n, c, u, i, w] = sum_o w[o, u, i] * ycc[n, c, i + o - 1, w]  (zero outside)
+    p = F.pad(ycc, (0, 0, 1, 1)).unsqueeze(2)                         # (n, 3, 1, 114, 112)
+    rows = (p[:, :, :, 0:SIZE] * w[0].view(1, 1, BLOCK, SIZE, 1)
+            + p[:, :, :, 1:SIZE + 1] * w[1].view(1, 1, BLOCK, SIZE, 1)
+            + p[:, :, :, 2:SIZE + 2] * w[2].view(1, 1, BLOCK, SIZE, 1))
+    # Columns: out[n, c, u, v, i, j] = sum_o w[o, v, j] * rows[n, c, u, i, j + o - 1]
+    q = F.pad(rows, (1, 1)).unsqueeze(3)                              # (n, 3, 8, 1, 112, 114)
+    out = q[..., 0:SIZE] * w[0].view(1, 1, 1, BLOCK, 1, SIZE)
+    for o in (1, 2):
+        out.addcmul_(q[..., o:o + SIZE], w[o].view(1, 1, 1, BLOCK, 1, SIZE))
     return out.reshape(n, CHANNELS, SIZE, SIZE)
 
 
@@ -152,7 +162,7 @@ def decode(coef: torch.Tensor, clamp: bool = True) -> torch.Tensor:
 
 
 def _decode(coef: torch.Tensor, clamp: bool) -> torch.Tensor:
-    _, _, w, _, inv = _bands_on(coef.device, coef.dtype)
+    _, w, _, inv = _bands_on(coef.device, coef.dtype)
     n = coef.shape[0]
     c6 = coef.reshape(n, 3, BLOCK, BLOCK, SIZE, SIZE)                 # (n, c, u, v, i, j)
     # Rows: rows[n, c, v, p, j] = sum_u w[u, p] * c6[n, c, u, v, p, j]   (block p only)

@@ -1,5 +1,7 @@
 """Server-side aggregation for MinusFed: validation, robust rules, checkpoints."""
 
+import minusface  # noqa: F401  (its allocator switch must precede any tensor)
+
 from .aggregation import (
     BACKENDS,
     RULES,
