@@ -95,7 +95,7 @@ def _bands() -> dict[str, torch.Tensor]:
     off_block[torch.arange(SIZE), torch.arange(SIZE)] = 0.0
     assert float(off_block.abs().max()) == 0.0, "decoder band left block p"
     w_d = dec_blocks[torch.arange(SIZE), torch.arange(SIZE)]         # (p, freq u)
-    return {"idx_e": idx_e, "w_e": w_e, "shift_e": shift_e, "w_d": w_d, "enc": enc, "dec": dec}
+    return {"shift_e": shift_e, "w_d": w_d, "enc": enc, "dec": dec}
 
 
 @lru_cache(maxsize=None)

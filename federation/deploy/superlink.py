@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from logging import INFO, WARNING
 
 DEFAULT_BUSY_TIMEOUT_MS = 120_000
 ENV_BUSY_TIMEOUT = "MINUSFED_SQLITE_BUSY_TIMEOUT_MS"
 
 
-def busy_timeout_ms(environ: dict[str, str] | os._Environ = os.environ) -> int:
+def busy_timeout_ms(environ: Mapping[str, str] = os.environ) -> int:
     """The busy timeout to use, from the environment; a clear error for a bad value."""
     raw = environ.get(ENV_BUSY_TIMEOUT, "")
     if not raw:
