@@ -36,6 +36,11 @@ from minusface.runtime import (ALLOCATOR_ENV, MODES, THP_ENV, allocator_mode,  #
                                tune_allocator)
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip() or "unknown"
+
+
 def best_seconds(fn, repeats: int) -> float:
     fn()                                            # warm-up (allocator, kernels)
     times = []
@@ -87,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = torch.rand(pb, 3, 112, 112) * 2 - 1
             secs = best_seconds(lambda batch=batch: fe.protect(batch), 1 if pb >= 64 else args.repeats)
             protect_rates[pb] = pb / secs
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = _commit()
     if args.json:
         print(json.dumps({"seconds": rows, "latency_b1": lat, "protect_img_s": protect_rates,
                           "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare_allocators(args: argparse.Namespace) -> int:
-    """Each allocator mode in its own child process, modes alternating, `rounds` times."""
+    """Each allocator mode in its own child process, modes alternating, twice."""
     child = [sys.executable, str(Path(__file__).resolve()), "--json", "--batch", str(args.batch),
              "--repeats", str(args.repeats), "--protect-batches", *map(str, args.protect_batches)]
     if args.threads:
@@ -121,8 +125,7 @@ def compare_allocators(args: argparse.Namespace) -> int:
             out = subprocess.run(child, capture_output=True, text=True, cwd=ROOT, check=True,
                                  env={**env, ALLOCATOR_ENV: mode})
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = _commit()
     b = args.batch
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     thp_setting = thp.read_text().strip() if thp.exists() else "n/a"
