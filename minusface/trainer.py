@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .backbones import build_backbone
+from .batches import iterate_batches  # noqa: F401 - re-exported (older import path)
 from .frontend import MinusFaceFrontend
 from .generator import UNetGenerator
 from .heads import build_head
-from .images import to_signed
 from .losses import baseline_loss, freeze, stage1_loss, stage2_loss
 from .optim import build_optimizer
 from .presets import Preset
@@ -137,26 +136,6 @@ def steps_per_epoch(num_images: int, repeat: int, batch_size: int) -> int:
     return max(1, (num_images * repeat) // min(batch_size, max(1, num_images * repeat)))
 
 
-def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, repeat: int,
-                    seed: int, flip: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled, flipped float batches in [-1, 1] straight from the uint8 array (no per-item
-    Python), in an order fixed by `seed` so a resumed epoch sees the same batches.  The last
-    incomplete batch is dropped (BatchNorm, and the step count stays fixed); a site with fewer
-    images than one batch trains on one batch of all of them."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    order = rng.permutation(n * repeat) % n
-    flips = rng.random(len(order)) < 0.5
-    batch_size = min(batch_size, len(order))
-    for s in range(0, len(order) - batch_size + 1, batch_size):
-        idx = order[s:s + batch_size]
-        x = to_signed(images[idx])
-        if flip:
-            f = torch.from_numpy(flips[s:s + batch_size])
-            x[f] = torch.flip(x[f], dims=(3,))
-        yield x, torch.from_numpy(labels[idx])
-
-
 def train_step(models: Models, faces: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer, device: torch.device,
                rng: torch.Generator | None = None) -> dict[str, float]:
@@ -185,15 +164,17 @@ def train_epoch(models: Models, images: np.ndarray, labels: np.ndarray, preset: 
                 optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                 device: torch.device, seed: int, progress: bool = True,
-                desc: str = "train") -> dict[str, float]:
-    """One pass (x repeat) over a site's faces; returns mean losses, accuracy and timing."""
+                desc: str = "train", staged: bool | None = None) -> dict[str, float]:
+    """One pass (x repeat) over a site's faces; returns mean losses, accuracy and timing.
+    `staged`: how batches are built (`minusface.batches`; default: staged on CUDA)."""
     models.train()
     repeat = repeat_for(models.recipe, preset)
     total = steps_per_epoch(len(labels), repeat, preset.batch_size)
     sums: dict[str, float] = {}
     steps, seen, t0 = 0, 0, time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
-    for x, y in iterate_batches(images, labels, preset.batch_size, repeat, seed):
+    for x, y in iterate_batches(images, labels, preset.batch_size, repeat, seed, device=device,
+                                staged=staged):
         parts = train_step(models, x, y, optimizer, device)
         if scheduler is not None:
             scheduler.step()
