@@ -30,13 +30,21 @@ Methods:
   flower         flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords (FedAvg's
                  arithmetic: float32, temporaries per key) on RecordDicts (N <= --flower-max-n)
   streaming      strategy.streaming.StreamingWeightedMean as the strategy's "streaming"
-                 backend runs it: float32 accumulators, torch kernel (one fused
-                 add_(a, alpha=w) pass per array)
+                 backend runs it: float32 accumulators, torch kernel (fused
+                 add_(a, alpha=w)), updates folded 8 at a time per cache-sized block
+  streaming-g1   the same, one update at a time (the previous setting)
   streaming-numpy  the same float32 accumulators, NumPy kernel (w * a into a cache-sized
                    scratch block, then add: two ufunc passes per block, one thread)
   streaming-f64  float64 accumulators (float32 updates go through the scratch blocks)
   ray            strategy.ray_backend.ray_weighted_mean on a fresh local Ray instance with all
                  CPUs (the strategy's "ray" backend; startup and worker warm-up not timed)
+  server         everything the server does per reply, from received ArrayRecords: validation
+                 (keys, shapes, dtypes, finite values; no norm bound, the default) on
+                 zero-copy views, then the "streaming" mean; the N replies share 4 ArrayRecords
+  server-norm    the same with a norm bound configured (max-update-norm > 0)
+  server-previous  the same with the previous code: Flower's Array.numpy() (a copy) for both
+                 validation and averaging, full-size float64 temporaries for the finiteness
+                 check and the norm (computed even without a bound), one update at a time
 """
 
 from __future__ import annotations
@@ -59,7 +67,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("numpy", "flower", "streaming", "streaming-numpy", "streaming-f64", "ray")
+METHODS = ("numpy", "flower", "streaming", "streaming-g1", "streaming-numpy", "streaming-f64",
+           "ray", "server", "server-norm", "server-previous")
 MODELS = ("paper", "paper-stage1", "cpu-small", "tiny")
 DEFAULT_SIZES = "10:paper,100:paper,1000:cpu-small"
 QUICK_SIZES = "10:tiny,100:tiny"
@@ -237,14 +246,56 @@ def run_child(spec: dict) -> dict:
                 a /= total
                 out[k] = (np.rint(a) if like[k].dtype.kind in "iu" else a).astype(like[k].dtype)
             return out
+    elif method.startswith("server"):
+        from flwr.app import Array, ArrayRecord  # noqa: PLC0415
+
+        from strategy.aggregation import BACKEND_ACCUMULATE, BACKEND_GROUP  # noqa: PLC0415
+        from strategy.streaming import StreamingWeightedMean  # noqa: PLC0415
+        from strategy.validation import reference_to_numpy, validate_update  # noqa: PLC0415
+
+        records = [ArrayRecord({k: Array(v) for k, v in s.items()}) for s in sets]
+        reference = reference_to_numpy(records[0])
+        del sets, like
+        like = reference
+        bound = 1e30 if method == "server-norm" else None   # computed, never exceeded
+
+        if method in ("server", "server-norm"):
+            def run():
+                acc = StreamingWeightedMean(BACKEND_ACCUMULATE, group=BACKEND_GROUP)
+                for i in range(n):
+                    rec = records[i % DISTINCT]
+                    if validate_update(rec, reference, bound):
+                        raise RuntimeError("a valid update was rejected")
+                    acc.add(reference_to_numpy(rec), weight(i))
+                return acc.result(like)
+        else:
+            def run():
+                acc = StreamingWeightedMean(BACKEND_ACCUMULATE, group=1)
+                for i in range(n):
+                    rec = records[i % DISTINCT]
+                    sq = 0.0
+                    for key, expected in reference.items():      # the previous validation
+                        value = rec[key].numpy()
+                        if not np.issubdtype(value.dtype, np.inexact):
+                            continue
+                        if value.size - int(np.count_nonzero(np.isfinite(value))):
+                            raise RuntimeError("non-finite")
+                        diff = value.astype(np.float64) - expected.astype(np.float64)
+                        sq += float(np.vdot(diff, diff))
+                    if bound is not None and sq > bound ** 2:
+                        raise RuntimeError("norm")
+                    acc.add({k: a.numpy() for k, a in rec.items()}, weight(i))
+                return acc.result(like)
     elif method.startswith("streaming"):
+        from strategy.aggregation import BACKEND_GROUP  # noqa: PLC0415
         from strategy.streaming import StreamingWeightedMean  # noqa: PLC0415
 
         accumulate = "float64" if method == "streaming-f64" else "float32"
         kernel = "numpy" if method == "streaming-numpy" else "torch"
+        group = BACKEND_GROUP if method == "streaming" else 1
 
         def run():
-            acc = StreamingWeightedMean(accumulate, kernel=kernel)
+            acc = StreamingWeightedMean(accumulate, kernel=kernel, group=group)
             for arrays, w in stream():
                 acc.add(arrays, w)
             return acc.result(like)

@@ -104,10 +104,17 @@ class StreamingWeightedMean:
         With the torch kernel leave it at 1: torch already uses its intra-op threads.
     kernel : "torch" (default) or "numpy"
         What folds floating-point arrays (integer arrays always use NumPy).
+    group : int (default: 1)
+        Fold this many updates together, block by block: each accumulator block is read and
+        written once per group instead of once per update (1 + 2/group bytes of memory
+        traffic per update byte instead of 3).  The updates of a group are held until it is
+        folded, so peak memory grows by up to group - 1 updates unless they are views of data
+        that is in memory anyway (a server's received replies, `validation.array_view`).
     """
 
     def __init__(self, accumulate_dtype: str | np.dtype = "float64",
-                 block: int = DEFAULT_BLOCK, threads: int = 1, kernel: str = "torch") -> None:
+                 block: int = DEFAULT_BLOCK, threads: int = 1, kernel: str = "torch",
+                 group: int = 1) -> None:
         self.accumulate_dtype = np.dtype(accumulate_dtype)
         if self.accumulate_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise ValueError(f"accumulate_dtype must be float32 or float64, got {accumulate_dtype}")
@@ -117,7 +124,12 @@ class StreamingWeightedMean:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
         self.kernel = kernel
+        self.group = int(group)
+        # checked updates not folded yet: (flat arrays, weight, mode)
+        self._pending: list[tuple[dict[str, np.ndarray], float, str]] = []
         self.block = int(block)
         self.threads = int(threads)
         self._acc: dict[str, np.ndarray] = {}      # flat accumulators
@@ -159,42 +171,56 @@ class StreamingWeightedMean:
         self._plan = [p for p in self._plan if p]
         self._scratch = [{} for _ in self._plan]
 
-    def _run_part(self, index: int, flats: Mapping[str, np.ndarray], weight: float,
-                  mode: str) -> None:
-        """Fold one thread's part: mode "init" (acc = w*a), "axpy" (acc += w*a), "add"."""
+    def _run_part(self, index: int,
+                  entries: list[tuple[dict[str, np.ndarray], float, str]]) -> None:
+        """Fold entries (flat arrays, weight, mode) into one thread's part of the accumulators;
+        mode "init" (acc = w*a), "axpy" (acc += w*a) or "add" (acc += a).  Several entries are
+        folded block by block, so each accumulator block stays in cache for all of them."""
         scratch_of = self._scratch[index]
-        block = self.block
         for key, start, stop, acc in self._plan[index]:
-            flat = flats[key]
-            if start or stop != flat.size:
-                flat = flat[start:stop]
-            if self.kernel == "torch" and _torch_foldable(flat, acc):
-                _torch_fold(acc, flat, weight, mode)
-                continue
-            if mode == "init":
-                if weight == 1.0 and acc.dtype == flat.dtype:
-                    np.copyto(acc, flat)
-                else:
-                    np.multiply(flat, weight, out=acc, dtype=acc.dtype)
-                continue
-            if mode == "add":
-                np.add(acc, flat, out=acc, casting="same_kind")
-                continue
-            scratch = scratch_of.get(acc.dtype)
-            if scratch is None:
-                scratch = scratch_of[acc.dtype] = np.empty(block, acc.dtype)
+            sources = []
+            for flats, weight, mode in entries:
+                flat = flats[key]
+                if start or stop != flat.size:
+                    flat = flat[start:stop]
+                sources.append((flat, weight, mode))
             size = stop - start
-            if size <= block:
-                tmp = scratch[:size]
-                np.multiply(flat, weight, out=tmp, dtype=acc.dtype)
-                np.add(acc, tmp, out=acc)
+            if len(sources) == 1 or size <= self.block:
+                for flat, weight, mode in sources:
+                    self._fold_segment(acc, flat, weight, mode, scratch_of)
                 continue
-            for lo in range(0, size, block):
-                hi = min(lo + block, size)
-                tmp = scratch[: hi - lo]
+            for lo in range(0, size, self.block):
+                hi = min(lo + self.block, size)
                 part = acc[lo:hi]
-                np.multiply(flat[lo:hi], weight, out=tmp, dtype=acc.dtype)
-                np.add(part, tmp, out=part)
+                for flat, weight, mode in sources:
+                    self._fold_segment(part, flat[lo:hi], weight, mode, scratch_of)
+
+    def _fold_segment(self, acc: np.ndarray, flat: np.ndarray, weight: float, mode: str,
+                      scratch_of: dict[np.dtype, np.ndarray]) -> None:
+        """One update's segment into the matching accumulator segment."""
+        if self.kernel == "torch" and _torch_foldable(flat, acc):
+            _torch_fold(acc, flat, weight, mode)
+            return
+        if mode == "init":
+            if weight == 1.0 and acc.dtype == flat.dtype:
+                np.copyto(acc, flat)
+            else:
+                np.multiply(flat, weight, out=acc, dtype=acc.dtype)
+            return
+        if mode == "add":
+            np.add(acc, flat, out=acc, casting="same_kind")
+            return
+        block = self.block
+        scratch = scratch_of.get(acc.dtype)
+        if scratch is None:
+            scratch = scratch_of[acc.dtype] = np.empty(block, acc.dtype)
+        size = acc.size
+        for lo in range(0, size, block):
+            hi = min(lo + block, size)
+            tmp = scratch[: hi - lo]
+            part = acc[lo:hi]
+            np.multiply(flat[lo:hi], weight, out=tmp, dtype=acc.dtype)
+            np.add(part, tmp, out=part)
 
     def _check(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Flat views of `arrays`, after checking keys and shapes against the accumulators."""
@@ -229,15 +255,24 @@ class StreamingWeightedMean:
         mode = "init" if first else ("axpy" if scale else "add")
         if first and not scale:
             weight = 1.0
+        self._pending.append((flats, weight, mode))
+        if len(self._pending) >= self.group:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Fold the pending updates (all threads' parts)."""
+        entries, self._pending = self._pending, []
+        if not entries:
+            return
         if len(self._plan) == 1:
-            self._run_part(0, flats, weight, mode)
+            self._run_part(0, entries)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(len(self._plan) - 1,
                                             thread_name_prefix="streaming-mean")
-        futures = [self._pool.submit(self._run_part, i, flats, weight, mode)
+        futures = [self._pool.submit(self._run_part, i, entries)
                    for i in range(1, len(self._plan))]
-        self._run_part(0, flats, weight, mode)
+        self._run_part(0, entries)
         for future in futures:
             future.result()
 
@@ -265,6 +300,7 @@ class StreamingWeightedMean:
 
     def sums(self) -> dict[str, np.ndarray]:
         """The weighted sums ``sum_i w_i a_i`` (views of the accumulators, in their shapes)."""
+        self._flush()
         return {key: acc.reshape(self._shapes[key]) for key, acc in self._acc.items()}
 
     def result(self, like: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -274,6 +310,7 @@ class StreamingWeightedMean:
         """
         if not self._acc or self.count == 0:
             raise ValueError("no updates were added")
+        self._flush()
         self.close()
         if like is not None:
             if like.keys() != self._acc.keys():
@@ -320,9 +357,9 @@ def finalize(total: np.ndarray, total_weight: float, dtype: np.dtype,
 def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], float]], *,
                   like: Mapping[str, np.ndarray] | None = None,
                   accumulate_dtype: str | np.dtype = "float64",
-                  threads: int = 1, kernel: str = "torch") -> dict[str, np.ndarray]:
-    """Weighted mean of ``(arrays, weight)`` pairs, consumed one at a time."""
-    acc = StreamingWeightedMean(accumulate_dtype, threads=threads, kernel=kernel)
+                  threads: int = 1, kernel: str = "torch", group: int = 1) -> dict[str, np.ndarray]:
+    """Weighted mean of ``(arrays, weight)`` pairs, consumed `group` at a time."""
+    acc = StreamingWeightedMean(accumulate_dtype, threads=threads, kernel=kernel, group=group)
     try:
         for arrays, weight in updates:
             acc.add(arrays, weight)

@@ -9,6 +9,8 @@ functions compare each reply with the global arrays the server itself sent, so a
 bad reply can be dropped with a readable reason while the round goes on.
 """
 
+import functools
+import io
 import math
 from collections.abc import Mapping, Sequence
 
@@ -16,8 +18,10 @@ import numpy as np
 
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common import NDArray
+from flwr.common.constant import SType
 
 MAX_LISTED_KEYS = 8
+BLOCK = 1 << 18  # elements per float64 scratch block of the norm (2 MiB: stays in cache)
 
 
 def _fmt_keys(keys: Sequence[str]) -> str:
@@ -28,12 +32,82 @@ def _fmt_keys(keys: Sequence[str]) -> str:
 
 
 def _as_numpy(value: Array | NDArray) -> NDArray:
-    return value if isinstance(value, np.ndarray) else value.numpy()
+    return value if isinstance(value, np.ndarray) else array_view(value)
+
+
+def array_view(array: Array) -> NDArray:
+    """The array as a read-only NumPy view of the bytes received: no copy.
+
+    Flower's `Array.numpy()` runs `np.load` on the bytes, which copies every array; a server
+    reads each reply twice (validation, then averaging), so that was two full copies of every
+    update per round.  The header is read by NumPy's own `numpy.lib.format` readers, as
+    `np.load` does, and remembered (a model's headers repeat every round); object dtypes and
+    short data are refused.
+    """
+    if array.stype != SType.NUMPY:
+        raise TypeError(f"unsupported serialization type {array.stype!r} (expected "
+                        f"{SType.NUMPY!r})")
+    data = array.data
+    if len(data) < 12 or data[6] not in (1, 2):      # rare .npy versions: NumPy's own path
+        return array.numpy()
+    size_bytes = 2 if data[6] == 1 else 4             # header-length field of format 1.0 / 2.0
+    offset = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
+    shape, fortran_order, dtype = _npy_header(bytes(data[:offset]))
+    count = math.prod(shape)
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"data holds {len(data) - offset} bytes, header says "
+                         f"{count * dtype.itemsize} ({dtype}{list(shape)})")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+@functools.lru_cache(maxsize=8192)
+def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a .npy prefix (magic, version, header)."""
+    fp = io.BytesIO(prefix)
+    version = np.lib.format.read_magic(fp)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read(fp)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    return tuple(shape), bool(fortran_order), dtype
+
+
+def nonfinite_count(value: NDArray) -> int:
+    """Number of NaN/Inf entries: one summing pass without temporaries in the common case.
+
+    A NaN or Inf makes the sum non-finite, so a finite sum proves there is none; only a
+    non-finite sum (a bad value, or finite values whose sum overflowed) pays for the exact
+    count.  float16 is summed in float32, where a sum of float16 values cannot overflow."""
+    flat = value.reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.add.reduce(flat, dtype=np.float32 if flat.dtype == np.float16 else None)
+    if np.isfinite(total):
+        return 0
+    return int(flat.size - np.count_nonzero(np.isfinite(flat)))
+
+
+def squared_distance(value: NDArray, expected: NDArray) -> float:
+    """||value - expected||^2 in float64, block by block through one cache-sized scratch
+    buffer (no full-size float64 copies of either array)."""
+    a, b = value.reshape(-1), expected.reshape(-1)
+    if a.size <= BLOCK:
+        d = np.subtract(a, b, dtype=np.float64)
+        return float(np.dot(d, d))
+    scratch = np.empty(BLOCK, np.float64)
+    total = 0.0
+    for lo in range(0, a.size, BLOCK):
+        hi = min(lo + BLOCK, a.size)
+        d = scratch[:hi - lo]
+        np.subtract(a[lo:hi], b[lo:hi], out=d, dtype=np.float64)
+        total += float(np.dot(d, d))
+    return total
 
 
 def reference_to_numpy(reference: ArrayRecord) -> dict[str, NDArray]:
-    """Decode the global arrays once per round instead of once per reply."""
-    return {key: array.numpy() for key, array in reference.items()}
+    """Read-only views of a record's arrays (`array_view`: no copy)."""
+    return {key: array_view(array) for key, array in reference.items()}
 
 
 # pylint: disable=too-many-locals,too-many-branches
@@ -74,7 +148,7 @@ def validate_update(
         expected = _as_numpy(reference[key])
         sent = arrays[key]
         try:
-            value = sent.numpy()
+            value = array_view(sent)
         except (TypeError, ValueError, OSError, EOFError) as exc:
             problems.append(f"{key!r}: cannot decode array ({exc})")
             continue
@@ -97,12 +171,12 @@ def validate_update(
             continue
         if not np.issubdtype(value.dtype, np.inexact):
             continue
-        num_bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+        num_bad = nonfinite_count(value)
         if num_bad:
             problems.append(f"{key!r}: {num_bad} non-finite value(s) (NaN/Inf)")
             continue
-        diff = value.astype(np.float64) - expected.astype(np.float64)
-        squared_norm += float(np.vdot(diff, diff))
+        if max_update_norm is not None:                 # the norm is only needed for the bound
+            squared_norm += squared_distance(value, expected)
 
     if max_update_norm is not None:
         norm = math.sqrt(squared_norm)
