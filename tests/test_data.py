@@ -263,3 +263,31 @@ def test_view1_split_is_identity_disjoint(lfw_root: Path) -> None:
     assert len(train) == 1262                           # MANIFEST count
     train1, _ = view1_split(lfw_root, min_images_per_identity=1)
     assert sum(len(v) for v in train1.values()) == 10492
+
+
+# --------------------------------------------------------------------------- federation identities
+
+def test_federation_identities_are_remembered_copied_and_refreshed(tmp_path: Path) -> None:
+    import os
+
+    from clients import site as site_mod
+    from minusface.presets import get_preset
+
+    for name, n in (("Ann", 2), ("Ben", 3), ("Cid", 2), ("Dee", 1)):
+        for i in range(1, n + 1):
+            _face(tmp_path / "images" / name / f"{name}_{i:04d}.jpg", seed=i)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1\nAnn\t1\t2\nAnn\t1\tCid\t1\n")   # one fold: Ann and Cid are test identities
+    preset = get_preset("tiny")
+    site_mod._federation_identities.cache_clear()
+    first = site_mod.federation_identities(tmp_path, 0, preset)
+    assert sorted(first) == ["Ben"] and len(first["Ben"]) == 3
+    first["Ben"].pop()                                   # a caller's change stays its own
+    again = site_mod.federation_identities(tmp_path, 0, preset)
+    assert len(again["Ben"]) == 3
+    assert site_mod._federation_identities.cache_info().hits == 1
+    pairs.write_text("1\nBen\t1\t2\nBen\t1\tCid\t1\n")   # the fold changed on disk
+    stat = pairs.stat()
+    os.utime(pairs, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = site_mod.federation_identities(tmp_path, 0, preset)
+    assert sorted(after) == ["Ann"]
