@@ -67,11 +67,12 @@ def count_flops(models, preset, device: torch.device, classes: int, batch: int =
 
 
 def bench_recipes(preset_name: str, batches: Sequence[int], device: torch.device, classes: int,
-                  iters: int, warmup: int, peak_tflops: float | None = None) -> list[dict]:
+                  iters: int, warmup: int, peak_tflops: float | None = None,
+                  recipes: Sequence[str] = ("baseline", "stage1", "stage2")) -> list[dict]:
     preset = get_preset(preset_name)
     generator = UNetGenerator(width=preset.generator_width)
     rows = []
-    for recipe in ("baseline", "stage1", "stage2"):
+    for recipe in recipes:
         g = None
         if recipe == "stage2":
             g = UNetGenerator(width=preset.generator_width)
@@ -119,9 +120,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_decode_backward(preset: str, batch: int, device: torch.device, classes: int,
+                            iters: int, warmup: int, repeats: int) -> None:
+    """Stage-1 img/s with d's explicit adjoint backward vs plain autograd through its slices,
+    alternating in one process (the previous code path is the same forward, differentiated by
+    autograd)."""
+    from minusface import dct
+    adjoint = dct._DecodePlanes.apply
+    runs: dict[str, list[float]] = {"autograd": [], "adjoint": []}
+    try:
+        for _ in range(repeats):
+            for name in runs:
+                dct._DecodePlanes.apply = adjoint if name == "adjoint" else dct._decode_planes
+                row = bench_recipes(preset, [batch], device, classes, iters, warmup,
+                                    recipes=("stage1",))[0]
+                runs[name].append(row["img_per_s"])
+    finally:
+        dct._DecodePlanes.apply = adjoint
+    for name, v in runs.items():
+        print(f"stage 1, {preset}, batch {batch}, d backward = {name}: "
+              f"{' / '.join(f'{x:.2f}' for x in v)} img/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", nargs="+", default=["tiny", "cpu-small"])
+    ap.add_argument("--compare-decode-backward", type=int, default=0, metavar="REPEATS",
+                    help="instead: stage-1 img/s with d's adjoint vs autograd backward, "
+                         "alternating REPEATS times (first --preset and --batch)")
     ap.add_argument("--batch", type=int, nargs="+", default=None,
                     help="batch sizes (default: each preset's own)")
     ap.add_argument("--classes", type=int, default=1000)
@@ -133,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tune_allocator()
     peak = (args.peak_tflops or DATASHEET_BF16_TFLOPS) if device.type == "cuda" else None
+    if args.compare_decode_backward:
+        name = args.preset[0]
+        compare_decode_backward(name, (args.batch or [get_preset(name).batch_size])[0], device,
+                                args.classes, args.iters, args.warmup, args.compare_decode_backward)
+        return 0
     rows = []
     for name in args.preset:
         batches = args.batch or [get_preset(name).batch_size]
