@@ -142,12 +142,43 @@ def compare_decode_backward(preset: str, batch: int, device: torch.device, class
               f"{' / '.join(f'{x:.2f}' for x in v)} img/s")
 
 
+def _gather_shuffle(r: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The previous shuffle: one gather with the permutation broadcast over every pixel."""
+    from minusface.shuffle import _csprng_permutations, _seeded_permutations
+    n, c = r.shape[:2]
+    perm = _csprng_permutations(n, c) if generator is None else _seeded_permutations(n, c, generator)
+    index = perm.to(r.device).view(n, c, *([1] * (r.dim() - 2))).expand_as(r)
+    return torch.gather(r, 1, index)
+
+
+def compare_shuffle(preset: str, batch: int, device: torch.device, classes: int, iters: int,
+                    warmup: int, repeats: int) -> None:
+    """Stage-2 img/s with the row-copy shuffle (now) vs the previous gather, alternating."""
+    from minusface import frontend
+    now = frontend.shuffle_channels
+    runs: dict[str, list[float]] = {"gather": [], "row copy": []}
+    try:
+        for _ in range(repeats):
+            for name in runs:
+                frontend.shuffle_channels = now if name == "row copy" else _gather_shuffle
+                row = bench_recipes(preset, [batch], device, classes, iters, warmup,
+                                    recipes=("stage2",))[0]
+                runs[name].append(row["img_per_s"])
+    finally:
+        frontend.shuffle_channels = now
+    for name, v in runs.items():
+        print(f"stage 2, {preset}, batch {batch}, shuffle = {name}: "
+              f"{' / '.join(f'{x:.2f}' for x in v)} img/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", nargs="+", default=["tiny", "cpu-small"])
     ap.add_argument("--compare-decode-backward", type=int, default=0, metavar="REPEATS",
                     help="instead: stage-1 img/s with d's adjoint vs autograd backward, "
                          "alternating REPEATS times (first --preset and --batch)")
+    ap.add_argument("--compare-shuffle", type=int, default=0, metavar="REPEATS",
+                    help="instead: stage-2 img/s with the row-copy vs the gather shuffle")
     ap.add_argument("--batch", type=int, nargs="+", default=None,
                     help="batch sizes (default: each preset's own)")
     ap.add_argument("--classes", type=int, default=1000)
@@ -163,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         name = args.preset[0]
         compare_decode_backward(name, (args.batch or [get_preset(name).batch_size])[0], device,
                                 args.classes, args.iters, args.warmup, args.compare_decode_backward)
+        return 0
+    if args.compare_shuffle:
+        name = args.preset[0]
+        compare_shuffle(name, (args.batch or [get_preset(name).batch_size])[0], device,
+                        args.classes, args.iters, args.warmup, args.compare_shuffle)
         return 0
     rows = []
     for name in args.preset:

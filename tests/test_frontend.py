@@ -59,6 +59,18 @@ def test_each_sample_gets_its_own_permutation():
     assert torch.equal(s.sort(dim=1).values, r)          # a permutation, nothing lost
 
 
+def test_row_copy_and_gather_paths_shuffle_identically():
+    """Contiguous CPU tensors take the row-copy path, others the gather: same permutations."""
+    r = torch.randn(5, 192, 7, 9)
+    fast = shuffle_channels(r, generator=torch.Generator().manual_seed(3))
+    slow = shuffle_channels(r.contiguous(memory_format=torch.channels_last),
+                            generator=torch.Generator().manual_seed(3))
+    assert fast.is_contiguous()
+    assert torch.equal(fast, slow)
+    perm = _seeded_permutations(5, 192, torch.Generator().manual_seed(3))
+    assert torch.equal(fast[2], r[2, perm[2]])          # sample 2's plane k is r's plane perm[k]
+
+
 def test_permutations_are_not_exposed():
     sig = inspect.signature(MinusFaceFrontend.protect)
     assert sig.return_annotation in ("torch.Tensor", torch.Tensor)
