@@ -15,6 +15,7 @@ resumed epoch sees the same batches and every path below yields the same tensors
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 from .images import _SIGNED, to_signed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 2
 DEFAULT_PREFETCH = 4
@@ -76,6 +79,23 @@ def _host_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray,
         yield x, torch.from_numpy(labels[idx])
 
 
+_PIN_FAILED = False
+
+
+def _host_rows(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """A uint8 host buffer, pinned when asked and possible.  Pinned memory can be refused
+    (a container's locked-memory limit); then copies are synchronous, and training goes on."""
+    global _PIN_FAILED
+    if pin and not _PIN_FAILED:
+        try:
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as e:
+            _PIN_FAILED = True
+            log.warning("pinned host memory unavailable (%s); batches are copied to the GPU "
+                        "synchronously", e)
+    return torch.empty(shape, dtype=torch.uint8)
+
+
 def _staged_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray,
                     flips: np.ndarray | None, batch_size: int, starts: range,
                     device: torch.device, workers: int,
@@ -86,10 +106,10 @@ def _staged_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray,
 
     def gather(s: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = order[s:s + batch_size]
-        rows = torch.empty((len(idx), *images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        rows = _host_rows((len(idx), *images.shape[1:]), pin)
         np.take(images, idx, axis=0, out=rows.numpy())
         lab = torch.from_numpy(labels[idx])
-        return rows, (lab.pin_memory() if pin else lab)
+        return rows, (lab.pin_memory() if rows.is_pinned() else lab)
 
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="minusfed-batches")
     pending: deque[tuple[int, Future]] = deque()

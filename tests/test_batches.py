@@ -70,3 +70,21 @@ def test_non_uint8_faces_are_refused_with_the_dtype():
     images, labels = _faces(4)
     with pytest.raises(TypeError, match="uint8 faces.*float32"):
         next(iterate_batches(images.astype(np.float32), labels, 2, 1, seed=0))
+
+
+def test_refused_pinned_memory_falls_back_to_plain_buffers(monkeypatch, caplog):
+    from minusface import batches
+    real_empty = torch.empty
+
+    def no_pinning(*args, **kwargs):
+        if kwargs.get("pin_memory"):
+            raise RuntimeError("cudaHostAlloc failed (memlock limit)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(batches, "_PIN_FAILED", False)
+    monkeypatch.setattr(batches.torch, "empty", no_pinning)
+    with caplog.at_level("WARNING", logger="minusface.batches"):
+        rows = batches._host_rows((2, 3), pin=True)
+        again = batches._host_rows((2, 3), pin=True)
+    assert rows.dtype == torch.uint8 and not rows.is_pinned() and again.shape == (2, 3)
+    assert sum("pinned host memory unavailable" in r.message for r in caplog.records) == 1
