@@ -17,7 +17,8 @@ accumulator per key, in place:
   cache-sized scratch buffer: ``w * a`` into the scratch, then one add (two ufunc passes per
   block, one thread);
 * peak memory is the accumulators (plus, for the NumPy kernel, one small scratch buffer per
-  dtype), whatever the number of updates N.
+  dtype), whatever the number of updates N; with ``group=k`` up to k updates are also held
+  (by reference) until they are folded together, block by block.
 
 `result()` divides by the total weight and returns arrays with the first update's (or a given
 reference's) key order, shapes and dtypes; integer arrays are rounded to nearest first, as
@@ -107,9 +108,10 @@ class StreamingWeightedMean:
     group : int (default: 1)
         Fold this many updates together, block by block: each accumulator block is read and
         written once per group instead of once per update (1 + 2/group bytes of memory
-        traffic per update byte instead of 3).  The updates of a group are held until it is
-        folded, so peak memory grows by up to group - 1 updates unless they are views of data
-        that is in memory anyway (a server's received replies, `validation.array_view`).
+        traffic per update byte instead of 3).  The updates of a group are held, not copied,
+        until it is folded: they must not change before that, and peak memory grows by up to
+        group - 1 updates unless they are views of data that is in memory anyway (a server's
+        received replies, `validation.array_view`).  `sums()` and `result()` fold what is held.
     """
 
     def __init__(self, accumulate_dtype: str | np.dtype = "float64",
