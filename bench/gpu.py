@@ -3,6 +3,11 @@
     bash bench/gpu.sh                      # on the GPU machine; writes $OUT (or runs/gpu)
     python bench/gpu.py --smoke            # CPU check of the script itself (tiny sizes)
 
+One 15-minute device lease (start-up included) does not fit every phase at full size.  What is
+still open needs, in this order (issue 4 first: it is that issue's last item):
+    bash bench/gpu.sh --skip ceilings,protect,train,loader,compile --budget 540   # LFW, <= 16 ep.
+    bash bench/gpu.sh --skip lfw --budget 300                                    # issue 7 phases
+
 Phases, each time-boxed by --budget (seconds for the whole script) and saved as it finishes:
   1. ceilings: bf16 matrix product rate (8192^3, random data) and device copy bandwidth;
   2. protect() of the paper front end (g, w = 64) at batch 1 / 32 / 256, bf16 autocast +

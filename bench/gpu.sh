@@ -2,7 +2,8 @@
 # GPU benchmark for one lease (issue 7): ceilings, protect(), training img/s and FLOP fraction for
 # the paper preset, then LFW fold-0 accuracy (gpu-small: unprotected / MinusFace centralized /
 # MinusFace federated).  Fits 8 minutes on one H100 or H200 (--budget, seconds).
-#   bash bench/gpu.sh [--budget 420] [--data DIR]
+#   bash bench/gpu.sh [--budget 420] [--data DIR] [--skip PHASES] [--lfw-epochs N]
+# Two calls for one 15-minute lease: see the docstring of bench/gpu.py.
 # LFW: $MINUSFED_DATA, else .lfw/lfw.zip (a stored zip of the LFW folder, unpacked to /tmp),
 # else ../shared/data/lfw_112_centercrop.  Results: $OUT (device tool) or runs/gpu.
 set -euo pipefail
