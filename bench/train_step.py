@@ -120,28 +120,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_decode_backward(preset: str, batch: int, device: torch.device, classes: int,
-                            iters: int, warmup: int, repeats: int) -> None:
-    """Stage-1 img/s with d's explicit adjoint backward vs plain autograd through its slices,
-    alternating in one process (the previous code path is the same forward, differentiated by
-    autograd)."""
-    from minusface import dct
-    adjoint = dct._DecodePlanes.apply
-    runs: dict[str, list[float]] = {"autograd": [], "adjoint": []}
-    try:
-        for _ in range(repeats):
-            for name in runs:
-                dct._DecodePlanes.apply = adjoint if name == "adjoint" else dct._decode_planes
-                row = bench_recipes(preset, [batch], device, classes, iters, warmup,
-                                    recipes=("stage1",))[0]
-                runs[name].append(row["img_per_s"])
-    finally:
-        dct._DecodePlanes.apply = adjoint
-    for name, v in runs.items():
-        print(f"stage 1, {preset}, batch {batch}, d backward = {name}: "
-              f"{' / '.join(f'{x:.2f}' for x in v)} img/s")
-
-
 def _gather_shuffle(r: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The previous shuffle: one gather with the permutation broadcast over every pixel."""
     from minusface.shuffle import _csprng_permutations, _seeded_permutations
@@ -151,23 +129,35 @@ def _gather_shuffle(r: torch.Tensor, generator: torch.Generator | None = None) -
     return torch.gather(r, 1, index)
 
 
-def compare_shuffle(preset: str, batch: int, device: torch.device, classes: int, iters: int,
-                    warmup: int, repeats: int) -> None:
-    """Stage-2 img/s with the row-copy shuffle (now) vs the previous gather, alternating."""
-    from minusface import frontend
-    now = frontend.shuffle_channels
-    runs: dict[str, list[float]] = {"gather": [], "row copy": []}
+def _variants(what: str) -> tuple[str, object, str, dict[str, object]]:
+    """(recipe, owner, attribute, {variant name: value}) of an A/B comparison; the first
+    variant is the previous code, the last the present one."""
+    from minusface import dct, frontend
+    if what == "decode-backward":        # the same forward, differentiated by plain autograd
+        return ("stage1", dct._DecodePlanes, "apply",
+                {"autograd": dct._decode_planes, "adjoint": dct._DecodePlanes.apply})
+    return ("stage2", frontend, "shuffle_channels",
+            {"gather": _gather_shuffle, "row copy": frontend.shuffle_channels})
+
+
+def compare(what: str, preset: str, batch: int, device: torch.device, classes: int, iters: int,
+            warmup: int, repeats: int) -> None:
+    """One recipe's img/s with each variant of `what`, alternating `repeats` times in one
+    process, so machine noise hits both alike."""
+    recipe, owner, attr, variants = _variants(what)
+    present = getattr(owner, attr)
+    runs: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for _ in range(repeats):
-            for name in runs:
-                frontend.shuffle_channels = now if name == "row copy" else _gather_shuffle
+            for name, value in variants.items():
+                setattr(owner, attr, value)
                 row = bench_recipes(preset, [batch], device, classes, iters, warmup,
-                                    recipes=("stage2",))[0]
+                                    recipes=(recipe,))[0]
                 runs[name].append(row["img_per_s"])
     finally:
-        frontend.shuffle_channels = now
+        setattr(owner, attr, present)
     for name, v in runs.items():
-        print(f"stage 2, {preset}, batch {batch}, shuffle = {name}: "
+        print(f"{recipe}, {preset}, batch {batch}, {what} = {name}: "
               f"{' / '.join(f'{x:.2f}' for x in v)} img/s")
 
 
@@ -190,16 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tune_allocator()
     peak = (args.peak_tflops or DATASHEET_BF16_TFLOPS) if device.type == "cuda" else None
-    if args.compare_decode_backward:
-        name = args.preset[0]
-        compare_decode_backward(name, (args.batch or [get_preset(name).batch_size])[0], device,
-                                args.classes, args.iters, args.warmup, args.compare_decode_backward)
-        return 0
-    if args.compare_shuffle:
-        name = args.preset[0]
-        compare_shuffle(name, (args.batch or [get_preset(name).batch_size])[0], device,
-                        args.classes, args.iters, args.warmup, args.compare_shuffle)
-        return 0
+    for what, repeats in (("decode-backward", args.compare_decode_backward),
+                          ("shuffle", args.compare_shuffle)):
+        if repeats:
+            name = args.preset[0]
+            compare(what, name, (args.batch or [get_preset(name).batch_size])[0], device,
+                    args.classes, args.iters, args.warmup, repeats)
+            return 0
     rows = []
     for name in args.preset:
         batches = args.batch or [get_preset(name).batch_size]

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .backbones import build_backbone
-from .batches import iterate_batches  # noqa: F401 - re-exported (older import path)
+from .batches import iterate_batches
 from .frontend import MinusFaceFrontend
 from .generator import UNetGenerator
 from .heads import build_head
