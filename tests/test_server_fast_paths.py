@@ -67,12 +67,17 @@ def test_nonfinite_count_is_exact():
     assert nonfinite_count(big64) == 0
 
 
-def test_squared_distance_matches_float64_reference_across_blocks():
+@pytest.mark.parametrize("dtype, rel", [(np.float32, 1e-5), (np.float64, 1e-12),
+                                        (np.float16, 1e-12)])
+def test_squared_distance_matches_float64_reference_across_blocks(dtype, rel):
     rng = np.random.default_rng(0)
-    a = rng.standard_normal(600_000).astype(np.float32)   # > 2 blocks of 2^18
-    b = rng.standard_normal(600_000).astype(np.float32)
+    a = rng.standard_normal(600_000).astype(dtype)     # > 2 blocks of 2^18
+    b = (a + 1e-2 * rng.standard_normal(600_000)).astype(dtype)   # a real update: a small step
     want = float(np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    assert squared_distance(a, b) == pytest.approx(want, rel=1e-12)
+    assert squared_distance(a, b) == pytest.approx(want, rel=rel)
+    far = rng.standard_normal(600_000).astype(dtype)
+    want_far = float(np.sum((a.astype(np.float64) - far.astype(np.float64)) ** 2))
+    assert squared_distance(a, far) == pytest.approx(want_far, rel=rel)
     assert squared_distance(a[:0], b[:0]) == 0.0
 
 
