@@ -8,7 +8,8 @@ evaluate) this runs, in a new Python process: the ClientApp's imports, `import t
 on its own (torch.optim imports it lazily at the first optimizer: `Optimizer.__init__` is
 wrapped by `torch._disable_dynamo` and `step` calls `torch._dynamo.graph_break()`), the handler
 once (cold) and the same message again (warm).  cold - warm is what a fresh process adds beyond
-the imports: first kernels, building the DCT bands, opening the site's face cache.  The site is
+the imports (measured: the first convolutions, the first encode, listing the site's
+identities).  The site is
 partition 0 of 2 of `--max-identities` LFW identities, as in the tests.
 """
 
