@@ -1,11 +1,19 @@
 """Outbound privacy guard: a ClientApp mod that refuses any reply carrying more than it may.
 
 Why: the product's privacy rule is that a site sends only (1) the shared weights the server sent it,
-same keys back, (2) numeric metrics and (3) protected images X_p from `protect()`.  Handlers are
-ordinary code and can leak by mistake (returning the full state dict with the private margin head,
-a debug batch of faces, the DCT residue).  This mod checks every reply after the handler ran and
-raises `OutboundPolicyError` instead of letting it go; Flower's runtime then sends an error reply
-that carries only the exception text (record and key names, shapes, never values).
+same keys, shapes and dtypes back, (2) a fixed set of named numeric metrics and (3) protected
+images X_p from `protect()`.  Handlers are ordinary code and can leak by mistake (returning the
+full state dict with the private margin head, a debug batch of faces, the DCT residue, a face
+flattened into metrics or config strings, an exception text holding data).  This mod checks every
+reply after the handler ran and, instead of letting a bad one go, logs why on the site and sends
+one fixed error (`GUARD_ERROR_CODE`, `GUARD_ERROR_REASON`).  Handler exceptions and error replies
+are reduced to that same fixed error, so nothing the site's code wrote reaches the server.
+
+What a reply may hold depends on the message type (`REPLY_POLICIES`): named MetricRecords with
+allow-listed scalar metrics (the privacy reply's names come from
+`clients.privacy_eval.privacy_metric_names`), "arrays" / "protected" ArrayRecords where allowed,
+never a ConfigRecord; an unknown message type may reply with nothing.  The guard's scope is bugs,
+not malicious code in the site's own process (which could do anything).
 
 Wire it first so it sees the final reply: `@app.train(mods=[outbound_guard])` (and on evaluate /
 query), or `ClientApp(mods=[outbound_guard])` for every handler.
@@ -13,21 +21,87 @@ query), or `ClientApp(mods=[outbound_guard])` for every handler.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
-from flwr.clientapp.typing import ClientAppCallable
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from logging import ERROR
 
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+
+from federation.privacy_round import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
 from minusface.provenance import all_protected
 
-GUARD_ALLOWED_RECORDS = ("arrays", "protected")
-MAX_CONFIG_STR = 256
-MAX_LIST_LEN = 64
+GUARD_ALLOWED_RECORDS = ("arrays", "protected")      # the only ArrayRecords that may ever leave
+GUARD_ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+GUARD_ERROR_REASON = "ClientApp failed; details are in the site's log"
+MAX_NAME_CHARS = 64          # of a key / record name in a refusal or log line
+MAX_LOGGED_REASON = 1000     # of a handler's own error reason, in the site's log
+NPY_HEADER_BYTES = 128       # np.save header of a <= 4-d array; more dims add at most 32 bytes each
 IMAGE_SIDE = 112
 FACE_CHANNELS = 3
 RESIDUE_CHANNELS = 192
 
+# Every metric a real handler sends (clients/local.py local_train / local_evaluate, plus
+# client_seconds from clients/client_app.py); tests/test_guard.py runs those handlers.
+TRAIN_METRICS = frozenset({"num-examples", "train_loss", "train_acc", "train_seconds",
+                           "train_img_per_s", "client_seconds"})
+EVALUATE_METRICS = frozenset({"num-examples", "eval_pairs", "accuracy", "auc", "tar_at_far_1e-2"})
+
 
 class OutboundPolicyError(RuntimeError):
     """A reply would have sent data the privacy rule forbids; nothing was sent."""
+
+
+@dataclass(frozen=True)
+class ReplyPolicy:
+    """What a reply to one message type may hold: ArrayRecord names, MetricRecord name -> keys."""
+
+    arrays: frozenset[str] = frozenset()
+    metrics: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+STRICTEST = ReplyPolicy()                             # unknown message types: no record at all
+REPLY_POLICIES: dict[str, ReplyPolicy] = {
+    "train": ReplyPolicy(frozenset({"arrays", "protected"}), {"metrics": TRAIN_METRICS}),
+    "evaluate": ReplyPolicy(frozenset({"protected"}), {"metrics": EVALUATE_METRICS}),
+}
+
+
+@lru_cache(maxsize=1)
+def _privacy_policy() -> ReplyPolicy:
+    """Built on first use: the privacy names live with the (heavy) privacy code that makes them."""
+    from clients.privacy_eval import privacy_metric_names
+    return ReplyPolicy(metrics={PRIVACY_RECORD: frozenset(privacy_metric_names())})
+
+
+def reply_policy(message_type: str) -> ReplyPolicy:
+    """The policy for `message_type` ("train.default" is "train"); unknown types get STRICTEST."""
+    if message_type.endswith(".default"):
+        message_type = message_type[: -len(".default")]
+    if message_type == PRIVACY_MESSAGE_TYPE:
+        return _privacy_policy()
+    return REPLY_POLICIES.get(message_type, STRICTEST)
+
+
+def _name(value: object) -> str:
+    """repr of a name cut to MAX_NAME_CHARS, so no refusal or log line repeats a long name."""
+    text = str(value)
+    if len(text) <= MAX_NAME_CHARS:
+        return repr(text)
+    return repr(text[:MAX_NAME_CHARS]) + f"... ({len(text)} chars)"
+
+
+def _cut(text: str, limit: int = MAX_NAME_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shape(array: Array) -> str:
+    return _cut(str(tuple(array.shape)))
 
 
 def _image_kind(shape: tuple[int, ...]) -> str | None:
@@ -43,14 +117,12 @@ def _image_kind(shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _incoming_arrays(incoming: Message) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the ArrayRecord the server sent under "arrays" (empty if none)."""
+def _incoming_arrays(incoming: Message) -> dict[str, Array]:
+    """Key -> Array of the ArrayRecord the server sent under "arrays" (empty if none)."""
     if not incoming.has_content() or "arrays" not in incoming.content:
         return {}
     record = incoming.content["arrays"]
-    if not isinstance(record, ArrayRecord):
-        return {}
-    return {k: tuple(a.shape) for k, a in record.items()}
+    return dict(record.items()) if isinstance(record, ArrayRecord) else {}
 
 
 def _check_image_shapes(name: str, record: ArrayRecord) -> None:
@@ -59,8 +131,8 @@ def _check_image_shapes(name: str, record: ArrayRecord) -> None:
         kind = _image_kind(tuple(array.shape))
         if kind == "DCT residue" or (kind == "raw image" and name != "protected"):
             raise OutboundPolicyError(
-                f"outbound_guard: {kind} in ArrayRecord {name!r} key {key!r} "
-                f"(shape {tuple(array.shape)}) must never leave the site")
+                f"outbound_guard: {kind} in ArrayRecord {_name(name)} key {_name(key)} "
+                f"(shape {_shape(array)}) must never leave the site")
 
 
 def _is_margin_head(key: str) -> bool:
@@ -70,89 +142,162 @@ def _is_margin_head(key: str) -> bool:
     return first in {"head", "margin", "arcface", "cosface"} or first.startswith("head-")
 
 
-def _check_shared_arrays(record: ArrayRecord, sent: dict[str, tuple[int, ...]]) -> None:
-    """Exactly the keys (and shapes) the server sent; a margin head never leaves."""
+def _payload_fits(array: Array) -> bool:
+    """The serialized bytes hold no more than the declared shape and dtype (plus the npy header):
+    values cannot hide behind honest-looking metadata."""
+    try:
+        itemsize = np.dtype(array.dtype).itemsize
+    except TypeError:
+        return False
+    nbytes = math.prod(int(d) for d in array.shape) * itemsize
+    return len(array.data) <= nbytes + NPY_HEADER_BYTES + 32 * max(0, len(array.shape) - 4)
+
+
+def _check_shared_array(key: str, array: Array, sent: Array) -> None:
+    """One reply array against the one the server sent: same shape, dtype, serialization, size."""
+    where = f"key {_name(key)} in ArrayRecord 'arrays'"
+    if tuple(array.shape) != tuple(sent.shape):
+        raise OutboundPolicyError(f"outbound_guard: {where} has shape {_shape(array)}, the "
+                                  f"server sent {_shape(sent)}")
+    if array.dtype != sent.dtype or array.stype != sent.stype:
+        raise OutboundPolicyError(
+            f"outbound_guard: {where} is {_cut(str(array.dtype))} ({_cut(str(array.stype))}), "
+            f"the server sent {_cut(str(sent.dtype))} ({_cut(str(sent.stype))}); reply in the "
+            "received dtype (federation.protocol.like_received)")
+    if not _payload_fits(array):
+        raise OutboundPolicyError(
+            f"outbound_guard: {where} carries {len(array.data)} bytes, more than shape "
+            f"{_shape(array)} of {_cut(str(array.dtype))} needs")
+
+
+def _check_shared_arrays(record: ArrayRecord, sent: dict[str, Array]) -> None:
+    """Exactly the keys, shapes and dtypes the server sent; a margin head never leaves."""
     for key, array in record.items():
         if _is_margin_head(key):
             raise OutboundPolicyError(
-                f"outbound_guard: key {key!r} in ArrayRecord 'arrays' looks like the private "
+                f"outbound_guard: key {_name(key)} in ArrayRecord 'arrays' looks like the private "
                 "margin head (class centres), which never leaves the site")
         if key not in sent:
-            raise OutboundPolicyError(
-                f"outbound_guard: key {key!r} in ArrayRecord 'arrays' was not sent by the server")
-        if tuple(array.shape) != sent[key]:
-            raise OutboundPolicyError(
-                f"outbound_guard: key {key!r} in ArrayRecord 'arrays' has shape "
-                f"{tuple(array.shape)}, the server sent {sent[key]}")
+            raise OutboundPolicyError(f"outbound_guard: key {_name(key)} in ArrayRecord 'arrays' "
+                                      "was not sent by the server")
+        _check_shared_array(key, array, sent[key])
     missing = [k for k in sent if k not in record]
     if missing:
         raise OutboundPolicyError(
-            f"outbound_guard: ArrayRecord 'arrays' lacks keys the server sent: {missing[:5]}")
+            "outbound_guard: ArrayRecord 'arrays' lacks keys the server sent: "
+            + ", ".join(_name(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else ""))
 
 
 def _check_protected(record: ArrayRecord) -> None:
     """Only bit-exact `protect()` outputs (float32, (N, 3, 112, 112)) may leave."""
     for key, array in record.items():
         shape = tuple(array.shape)
-        if array.dtype != "float32" or len(shape) != 4 or shape[1:] != (3, IMAGE_SIDE, IMAGE_SIDE):
+        if (array.dtype != "float32" or len(shape) != 4 or shape[1:] != (3, IMAGE_SIDE, IMAGE_SIDE)
+                or not _payload_fits(array)):
             raise OutboundPolicyError(
-                f"outbound_guard: ArrayRecord 'protected' key {key!r} must be float32 "
-                f"(N, 3, 112, 112), got {array.dtype} {shape}")
+                f"outbound_guard: ArrayRecord 'protected' key {_name(key)} must be float32 "
+                f"(N, 3, 112, 112) and no larger, got {_cut(str(array.dtype))} {_shape(array)}")
         if not all_protected(array.numpy()):
             raise OutboundPolicyError(
-                f"outbound_guard: ArrayRecord 'protected' key {key!r} holds images that did not "
-                "come out of protect() (raw image?); refused")
+                f"outbound_guard: ArrayRecord 'protected' key {_name(key)} holds images that did "
+                "not come out of protect() (raw image?); refused")
 
 
-def _check_values(kind: str, name: str, record: ConfigRecord | MetricRecord) -> None:
-    """No smuggling through config or metrics: no bytes, short strings, short lists."""
+def _check_metrics(name: str, record: MetricRecord, allowed: frozenset[str]) -> None:
+    """Only allow-listed names, one number each (no real metric is a list)."""
     for key, value in record.items():
-        items = value if isinstance(value, list) else [value]
-        if isinstance(value, list) and len(value) > MAX_LIST_LEN:
+        if key not in allowed:
             raise OutboundPolicyError(
-                f"outbound_guard: {kind} {name!r} key {key!r} holds a list of {len(value)} "
-                f"values (max {MAX_LIST_LEN})")
-        for item in items:
-            if isinstance(item, (bytes, bytearray)):
-                raise OutboundPolicyError(
-                    f"outbound_guard: {kind} {name!r} key {key!r} holds bytes; refused")
-            if isinstance(item, str) and len(item) > MAX_CONFIG_STR:
-                raise OutboundPolicyError(
-                    f"outbound_guard: {kind} {name!r} key {key!r} holds a string of {len(item)} "
-                    f"characters (max {MAX_CONFIG_STR})")
+                f"outbound_guard: MetricRecord {_name(name)} key {_name(key)} is not an "
+                f"allowed metric of this message type ({len(allowed)} names allowed)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OutboundPolicyError(
+                f"outbound_guard: MetricRecord {_name(name)} key {_name(key)} holds a "
+                f"{type(value).__name__}; only one int or float per metric may leave")
+
+
+def _check_metadata(incoming: Message, reply: Message) -> None:
+    """A reply is `Message(..., reply_to=incoming)`: no field of its own to carry data in."""
+    got, sent = reply.metadata, incoming.metadata
+    if (got.message_type, got.group_id, got.reply_to_message_id) != (
+            sent.message_type, sent.group_id, sent.message_id):
+        raise OutboundPolicyError(
+            "outbound_guard: the reply's metadata is not that of Message(..., reply_to=msg) "
+            f"(message_type {_name(got.message_type)}, group_id {_name(got.group_id)})")
+
+
+def _check_record(name: str, record: object, policy: ReplyPolicy, incoming: Message) -> None:
+    if isinstance(record, ArrayRecord) and name in policy.arrays:
+        if name == "arrays":
+            _check_shared_arrays(record, _incoming_arrays(incoming))
+        else:
+            _check_protected(record)
+    elif isinstance(record, MetricRecord) and name in policy.metrics:
+        _check_metrics(name, record, policy.metrics[name])
+    else:
+        allowed = sorted([*policy.arrays, *policy.metrics])
+        raise OutboundPolicyError(
+            f"outbound_guard: {type(record).__name__} {_name(name)} may not leave the site in "
+            f"a reply to {_name(incoming.metadata.message_type)} (allowed records: "
+            f"{', '.join(allowed) or 'none'}; never a ConfigRecord)")
 
 
 def check_reply(incoming: Message, reply: Message) -> None:
-    """Raise `OutboundPolicyError` if `reply` (to `incoming`) carries anything not allowed."""
-    if reply.has_error() or not reply.has_content():
+    """Raise `OutboundPolicyError` if `reply` (to `incoming`) carries anything not allowed.
+
+    An error reply passes only if it is the guard's own fixed one (`failure_reply`)."""
+    if reply.has_error():
+        if (reply.error.code, reply.error.reason) != (GUARD_ERROR_CODE, GUARD_ERROR_REASON):
+            raise OutboundPolicyError(
+                "outbound_guard: an error reply may carry only the guard's fixed code and reason")
+        return
+    _check_metadata(incoming, reply)
+    if not reply.has_content():
         return
     content = reply.content
     for name, record in content.array_records.items():
         _check_image_shapes(name, record)
+    policy = reply_policy(incoming.metadata.message_type)
     for name, record in content.items():
-        if isinstance(record, ArrayRecord):
-            if name == "arrays":
-                _check_shared_arrays(record, _incoming_arrays(incoming))
-            elif name == "protected":
-                _check_protected(record)
-            else:
-                raise OutboundPolicyError(
-                    f"outbound_guard: ArrayRecord {name!r} may not leave the site "
-                    f"(allowed: {', '.join(GUARD_ALLOWED_RECORDS)})")
-        elif isinstance(record, ConfigRecord):
-            _check_values("ConfigRecord", name, record)
-        elif isinstance(record, MetricRecord):
-            _check_values("MetricRecord", name, record)
-        else:
-            raise OutboundPolicyError(
-                f"outbound_guard: record {name!r} of type {type(record).__name__} is unknown")
+        _check_record(name, record, policy, incoming)
+
+
+def failure_reply(msg: Message) -> Message:
+    """The only error a site sends: a fixed code and text, whatever went wrong."""
+    return Message(Error(code=GUARD_ERROR_CODE, reason=GUARD_ERROR_REASON), reply_to=msg)
 
 
 def outbound_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower mod: run the handler, then refuse the reply if it breaks the privacy rule."""
-    reply = call_next(msg, context)
-    check_reply(msg, reply)
+    """Flower mod: run the handler, send its reply only if the privacy rule allows it; any
+    failure (exception, error reply, refusal) becomes `failure_reply` and is logged here."""
+    kind = _name(msg.metadata.message_type)
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:  # noqa: BLE001 - its text stays on the site
+        log(ERROR, "outbound_guard: the %s handler raised; the server gets only error code %d",
+            kind, GUARD_ERROR_CODE, exc_info=exc)
+        return failure_reply(msg)
+    if not isinstance(reply, Message):
+        log(ERROR, "outbound_guard: the %s handler returned a %s, not a Message; the server "
+            "gets only error code %d", kind, _cut(type(reply).__name__), GUARD_ERROR_CODE)
+        return failure_reply(msg)
+    if reply.has_error():
+        log(ERROR, "outbound_guard: the %s handler replied with error code %s: %s; the server "
+            "gets only error code %d", kind, _cut(str(reply.error.code)),
+            _cut(str(reply.error.reason), MAX_LOGGED_REASON), GUARD_ERROR_CODE)
+        return failure_reply(msg)
+    try:
+        check_reply(msg, reply)
+    except OutboundPolicyError as exc:
+        log(ERROR, "%s; refused, the server gets only error code %d", exc, GUARD_ERROR_CODE)
+        return failure_reply(msg)
+    except Exception as exc:  # noqa: BLE001 - a reply the guard cannot read does not leave
+        log(ERROR, "outbound_guard: could not check the %s reply; refused, the server gets only "
+            "error code %d", kind, GUARD_ERROR_CODE, exc_info=exc)
+        return failure_reply(msg)
     return reply
 
 
-__all__ = ["GUARD_ALLOWED_RECORDS", "OutboundPolicyError", "check_reply", "outbound_guard"]
+__all__ = ["GUARD_ALLOWED_RECORDS", "GUARD_ERROR_CODE", "GUARD_ERROR_REASON", "OutboundPolicyError",
+           "REPLY_POLICIES", "ReplyPolicy", "check_reply", "failure_reply", "outbound_guard",
+           "reply_policy"]

@@ -27,9 +27,18 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from privacy.report import PrivacyConfig, get_privacy_config
+from privacy.report import PIXEL_ROWS, PrivacyConfig, get_privacy_config
 
 METRIC_KEYS = ("ssim", "ms_ssim", "psnr", "tar@0.01", "tar@0.001", "rank1", "grad_cos")
+# Rows evaluate_client / gradient_inversion.evaluate_gradient_inversion can produce, and the
+# scalars flatten_metrics / site_privacy_metrics add: the outbound guard's allow-list for the
+# privacy reply (`privacy_metric_names`; tests/test_guard.py checks a real reply against it).
+REPORT_ROWS = ("view: X_p itself", *PIXEL_ROWS, "linkage", "mean-face guess")
+GI_ROWS = (*(f"{prefix}/{view}" for prefix in ("gi", "gi-probe")
+             for view in ("none", "minusface", "minusface vs X_p", "minusface + inverter")),
+           "reference: grey guess", "reference: grey guess vs X_p", "reference: random image")
+SCALAR_KEYS = ("gi-batch-size", "n-eval-images", "n-eval-identities", "n-aux-images", "seconds",
+               "aux-own-identities", "n-aux-identities", "privacy-skipped", "n-identities")
 
 
 def privacy_config(base: str, overrides: Mapping[str, object] | None = None) -> PrivacyConfig:
@@ -59,6 +68,12 @@ def split_identities(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndar
     order = np.random.default_rng(seed).permutation(len(ids))
     n_aux = len(ids) // 2
     return np.sort(ids[order[:n_aux]]), np.sort(ids[order[n_aux:]])
+
+
+def privacy_metric_names() -> frozenset[str]:
+    """Every key a privacy reply may carry: "<row>/<metric>" for the known rows, plus scalars."""
+    rows = (*REPORT_ROWS, *GI_ROWS)
+    return frozenset({f"{row}/{k}" for row in rows for k in METRIC_KEYS} | set(SCALAR_KEYS))
 
 
 def flatten_metrics(result: dict) -> dict[str, float | int]:
