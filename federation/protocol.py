@@ -10,7 +10,9 @@ Margin heads (class centres of a site's identities) never appear in any record.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -67,11 +69,19 @@ RUN_CONFIG_DEFAULTS: dict[str, object] = {
     "dp-clipping-norm": 1.0,
     "dp-target-delta": 1e-5,
     "dp-max-epsilon": 0.0,
+    # FedAvg weights (strategy/aggregation.py, "Weights"): "num-examples" (each site's claim,
+    # bounded below) or "equal" (weight 1 each); a claim above max-num-examples is rejected;
+    # each weight is clipped to max-weight-ratio x the median weight of the round (0 = off)
+    "weighting": "num-examples",
+    "max-num-examples": 1_000_000,
+    "max-weight-ratio": 4.0,
 }
 
 
 def run_config(raw: Mapping[str, object]) -> dict[str, object]:
-    """Defaults overlaid with the run config, with a clear error for a mistyped value."""
+    """Defaults overlaid with the run config; a clear error (ValueError or TypeError starting
+    "run config 'KEY':") for a mistyped or out-of-range value.  Unknown keys pass through
+    (`flwr run` already refuses keys pyproject.toml does not declare)."""
     cfg = dict(RUN_CONFIG_DEFAULTS)
     for key, value in raw.items():
         if key in RUN_CONFIG_DEFAULTS:
@@ -82,16 +92,101 @@ def run_config(raw: Mapping[str, object]) -> dict[str, object]:
                 raise TypeError(f"run config {key!r}: expected {type(default).__name__}, got "
                                 f"{value!r} ({type(value).__name__})")
         cfg[key] = value
-    if cfg["wire-dtype"] not in WIRE_DTYPES:
-        raise ValueError(f"run config 'wire-dtype': expected one of {', '.join(WIRE_DTYPES)}, "
-                         f"got {cfg['wire-dtype']!r}")
-    if cfg["preset"] not in PRESETS:
-        raise ValueError(f"run config 'preset': expected one of {', '.join(PRESETS)}, "
-                         f"got {cfg['preset']!r}")
-    if not float(cfg["round-timeout"]) > 0:   # Flower's send_and_receive would wait 0 s
-        raise ValueError(f"run config 'round-timeout' must be > 0 seconds, "
-                         f"got {cfg['round-timeout']!r}")
+    for key, check in _CHECKS.items():
+        problem = check(cfg[key])
+        if problem:
+            raise ValueError(f"run config {key!r}: expected {problem}, got {cfg[key]!r}")
+    for key, normalize in _named_choices().items():
+        try:
+            cfg[key] = normalize(str(cfg[key]))
+        except ValueError as exc:
+            raise ValueError(f"run config {key!r}: {exc}") from None
     return cfg
+
+
+def _at_least(low: float, note: str = "") -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        ok = math.isfinite(value) and value >= low  # type: ignore[arg-type,operator]
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        return None if ok else f"{kind} >= {low:g}{note}"
+    return check
+
+
+def _fraction(zero_ok: bool) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        v = float(value)  # type: ignore[arg-type]
+        ok = math.isfinite(v) and (0 <= v if zero_ok else 0 < v) and v <= 1
+        return None if ok else f"a fraction in {'[0' if zero_ok else '(0'}, 1]"
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        return None if value in choices else f"one of {', '.join(choices)}"
+    return check
+
+
+def _out_dir(value: object) -> str | None:
+    text = str(value)     # relative would depend on where the SuperLink/ServerApp happens to run
+    ok = text == "" or Path(text).is_absolute()
+    return None if ok else '"" (runs/flwr-run-<id>) or an absolute path'
+
+
+def _positive_finite(value: object) -> str | None:
+    v = float(value)  # type: ignore[arg-type]
+    return None if math.isfinite(v) and v > 0 else "a finite number > 0"
+
+
+def _weight_ratio(value: object) -> str | None:
+    v = float(value)  # type: ignore[arg-type]
+    return None if v == 0 or (math.isfinite(v) and v >= 1) else "0 (off) or a finite number >= 1"
+
+
+def _delta(value: object) -> str | None:
+    v = float(value)  # type: ignore[arg-type]
+    return None if 0 < v < 1 else "a number in (0, 1)"
+
+
+def _partition_schemes() -> tuple[str, ...]:
+    from simulation.partition import SCHEMES  # pylint: disable=import-outside-toplevel
+    return tuple(SCHEMES)
+
+
+def _named_choices() -> dict[str, Callable[[str], str]]:
+    """Keys checked (and normalised, "Trimmed_Mean" -> "trimmed-mean") by the strategy's own
+    functions; imported here so a client, which also parses the run config, loads them only
+    when it does."""
+    from strategy.aggregation import (  # pylint: disable=import-outside-toplevel
+        normalize_backend, normalize_rule, normalize_weighting)
+    return {"aggregation": normalize_rule, "aggregation-backend": normalize_backend,
+            "weighting": normalize_weighting}
+
+
+_CHECKS: dict[str, Callable[[object], str | None]] = {
+    "preset": lambda v: None if v in PRESETS else f"one of {', '.join(PRESETS)}",
+    "wire-dtype": lambda v: None if v in WIRE_DTYPES else f"one of {', '.join(WIRE_DTYPES)}",
+    "stage1-rounds": _at_least(1),
+    "stage2-rounds": _at_least(0, " (0 = stage 1 only)"),
+    "local-epochs": _at_least(1),
+    "fraction-train": _fraction(zero_ok=False),
+    "fraction-evaluate": _fraction(zero_ok=True),        # 0 = no client evaluation
+    "out-dir": _out_dir,
+    "min-nodes": _at_least(1),
+    "eval-fold": lambda v: None if 0 <= v <= 9 else "an LFW View 2 fold, 0..9",  # type: ignore
+    "partition-scheme": lambda v: _one_of(_partition_schemes())(v),     # imported when used
+    "partition-seed": _at_least(0),
+    "max-identities": _at_least(0, " (0 = all identities)"),
+    "server-eval-pairs": _at_least(0, " (0 = all pairs of the fold)"),
+    "max-update-norm": _at_least(0, " (0 = off)"),
+    "round-timeout": _positive_finite,
+    "seed": _at_least(0),
+    "dp-noise-multiplier": _at_least(0, " (0 = DP off)"),
+    "dp-clipping-norm": _positive_finite,
+    "dp-target-delta": _delta,
+    "dp-max-epsilon": _at_least(0, " (0 = no cap)"),
+    "max-num-examples": _at_least(1),
+    "max-weight-ratio": _weight_ratio,
+}
 
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}

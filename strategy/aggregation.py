@@ -14,17 +14,52 @@ must not train. This strategy:
   time, in-place accumulators) or `ray_backend.py` (Ray tasks over parameter
   shards, tree reduction): the `backend` option;
 * adds read-only ArrayRecords (`frozen_arrays`) to every train message;
-* keeps per-node metrics in `round_log` for per-client reporting;
+* bounds each reply's influence on the weighted rules (see "Weights" below);
+* never lets one reply's data end the run: an exception while validating or
+  aggregating is traced back to the reply that causes it, which is rejected (with
+  the traceback logged), and the round goes on with the rest;
+* keeps per-node metrics in `round_log` for per-client reporting (bounded: a
+  hostile reply cannot bloat `metrics.jsonl`);
 * records, per round and phase, which nodes were sampled, which replied and
   which dropped out (`round_nodes`, `node_summary()`): a node that dies
   mid-round gets an error reply from the SuperLink (Node Unavailable, once it
   misses its heartbeats) or no reply within the `start(timeout=...)`; either
   way the round goes on with the replies that came, and the node is listed
   under "dropped".
+
+Weights
+-------
+FedAvg weights each reply by the `num-examples` the site itself reports, so an
+unchecked claim lets one site take over the global model.  The server therefore:
+
+1. rejects a claim that is not a whole number >= 1 (0.5, NaN, inf, bool, negative)
+   or is above `max_num_examples` (run config `max-num-examples`, default 1,000,000:
+   CASIA-WebFace, 494k images, fits at one site; a site with more must raise it);
+2. with `weighting="equal"` gives every accepted reply weight 1 (no trust in claims;
+   a small site then counts as much as a big one);
+3. with `weighting="num-examples"` (default) clips each claim to `max_weight_ratio`
+   x the lower median of the round's accepted claims (run config `max-weight-ratio`,
+   default 4; 0 = off).  With n sites of equal honest size one liar then holds at
+   most ratio / (ratio + n - 1) of the weight (4 sites: 57%, 10 sites: 31%) instead
+   of all of it.  The trade-off: an honest site more than `ratio` times the median
+   also counts as only `ratio` x the median (non-IID federations with very unequal
+   sites may want a larger ratio); the lower median of two claims is the smaller, so
+   with 2 sites the larger counts at most `ratio` times the smaller.
+   Clipping is logged and noted per reply in `round_log` ("weight clipped from N to M").
+
+The effective weights are written, normalised to sum to 1, into the accepted
+replies' MetricRecord (`weighted_by_key`), which is what every Flower rule and the
+"streaming"/"ray" backends read: the arrays of FedAvg and MultiKrum, and the
+aggregated metrics of every rule (FedMedian, FedTrimmedAvg and Krum do not weight
+arrays).  `round_log` keeps the claimed value under "metrics" and the effective
+one under "weight".
 """
 
+import math
+import statistics
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO, WARNING
+from dataclasses import dataclass
+from logging import ERROR, INFO, WARNING
 from typing import Any, cast
 
 import numpy as np
@@ -47,9 +82,23 @@ from flwr.serverapp.strategy import (
     Krum,
     MultiKrum,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from .streaming import weighted_mean
-from .validation import reference_to_numpy, validate_reply_content, validate_update
+from .validation import (
+    INT64_MAX,
+    MAX_KEY_CHARS,
+    MAX_LIST_LEN,
+    MAX_METRIC_KEYS,
+    MAX_REASON_CHARS,
+    array_view,
+    name_of,
+    nonfinite_count,
+    reference_to_numpy,
+    short,
+    validate_reply_content,
+    validate_update,
+)
 
 RULES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
 BACKENDS = ("flower", "streaming", "ray")
@@ -65,7 +114,30 @@ BACKEND_ACCUMULATE = "float32"
 # 8 of them costs no memory (bench/aggregate.py: "streaming" vs "streaming-g1").
 BACKEND_GROUP = 8
 
+WEIGHTINGS = ("num-examples", "equal")
+# Defaults of the run-config keys max-num-examples / max-weight-ratio (module doc, "Weights")
+DEFAULT_MAX_NUM_EXAMPLES = 1_000_000
+DEFAULT_MAX_WEIGHT_RATIO = 4.0
+# Metrics of a rejected reply copied into round_log (and metrics.jsonl): enough to see what
+# it was, not enough to bloat the file (16 keys of at most 8 values)
+LOGGED_KEYS_OF_REJECTED = 16
+LOGGED_LIST_OF_REJECTED = 8
+
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
+
+
+@dataclass
+class _Screened:
+    """An accepted reply, its `round_log` entry and the weight it claimed (as sent)."""
+
+    msg: Message
+    entry: dict[str, Any]
+    claimed: int | float
+
+    @property
+    def weights(self) -> MetricRecord:
+        """The reply's (only) MetricRecord, which holds the weight."""
+        return next(iter(self.msg.content.metric_records.values()))
 
 
 def normalize_rule(rule: str) -> str:
@@ -89,15 +161,55 @@ def normalize_backend(backend: str) -> str:
     return name
 
 
-def _metrics_dict(msg: Message) -> dict[str, Any]:
-    """Plain copy of a reply's metrics (all MetricRecords merged) for logging."""
+def normalize_weighting(weighting: str) -> str:
+    """Accept `Equal` for `equal`; reject unknown weightings clearly."""
+    name = weighting.strip().lower()
+    if name not in WEIGHTINGS:
+        raise ValueError(f"Unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    return name
+
+
+def _loggable(value: Any, list_len: int = MAX_LIST_LEN) -> Any:
+    """A metric value as JSON can hold it: lists cut to `list_len`, no giant ints."""
+    if isinstance(value, list):
+        return [_loggable(v) for v in value[:list_len]]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return "int outside int64"
+    return value
+
+
+def _metrics_dict(msg: Message, first: str, limit: int,
+                  list_len: int) -> tuple[dict[str, Any], int]:
+    """Bounded plain copy of a reply's metrics (all MetricRecords merged) for `round_log`, and
+    how many keys were left out: at most `limit` keys (`first`, the weight, first), names cut
+    to MAX_KEY_CHARS, lists to `list_len` values."""
     if msg.has_error():
-        return {}
+        return {}, 0
+    records = list(msg.content.metric_records.values())
     merged: dict[str, Any] = {}
-    for record in msg.content.metric_records.values():
+    for record in records:
+        if first in record:
+            merged[first] = _loggable(record[first], list_len)
+            break
+    for record in records:
         for key, value in record.items():
-            merged[key] = list(value) if isinstance(value, list) else value
-    return merged
+            if len(merged) >= limit:
+                break
+            merged.setdefault(short(key, MAX_KEY_CHARS), _loggable(value, list_len))
+    total = sum(len(record) for record in records)
+    return merged, max(0, total - len(merged))
+
+
+def _fmt_weight(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+
+
+def _shares(weights: list[float]) -> list[float]:
+    """Weights normalised to sum to 1, in float64 without overflow for any finite weights."""
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
 
 
 def _harmonize_metric_keys(replies: list[Message], phase: str) -> None:
@@ -179,6 +291,14 @@ class SharedKeyFedAvg(FedAvg):
     frozen_arrays : Optional[dict[str, ArrayRecord]] (default: None)
         Read-only ArrayRecords added to every train message under their names.
         Never aggregated and not expected back.
+    weighting : str (default: "num-examples")
+        One of `WEIGHTINGS`: weight replies by their (bounded) `weighted_by_key`
+        claim, or "equal" (weight 1 each). See the module doc, "Weights".
+    max_num_examples : Optional[int] (default: 1,000,000)
+        Reject a reply whose `weighted_by_key` claim is larger; None: no cap.
+    max_weight_ratio : Optional[float] (default: 4.0)
+        Clip each weight to this many times the lower median of the round's
+        accepted weights; None or 0: off.
     backend : str (default: "flower")
         One of `BACKENDS`, the arithmetic of rule "fedavg": "flower" (Flower's
         own `aggregate_arrayrecords`), "streaming" (`streaming.py`: replies
@@ -209,6 +329,9 @@ class SharedKeyFedAvg(FedAvg):
         max_update_bytes: int | None = None,
         frozen_arrays: Mapping[str, ArrayRecord] | None = None,
         backend: str = "flower",
+        weighting: str = "num-examples",
+        max_num_examples: int | None = DEFAULT_MAX_NUM_EXAMPLES,
+        max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -228,6 +351,18 @@ class SharedKeyFedAvg(FedAvg):
             raise ValueError("`num_nodes_to_select` must be >= 1 or None.")
         if max_update_norm is not None and not max_update_norm > 0:
             raise ValueError("`max_update_norm` must be > 0 or None.")
+        if max_num_examples is not None and (
+            isinstance(max_num_examples, bool) or not isinstance(max_num_examples, int)
+            or max_num_examples < 1
+        ):
+            raise ValueError(f"`max_num_examples` must be an int >= 1 or None, "
+                             f"got {max_num_examples!r}")
+        if max_weight_ratio and not (math.isfinite(max_weight_ratio) and max_weight_ratio >= 1):
+            raise ValueError(f"`max_weight_ratio` must be >= 1, or 0/None (off), "
+                             f"got {max_weight_ratio!r}")
+        self.weighting = normalize_weighting(weighting)
+        self.max_num_examples = max_num_examples
+        self.max_weight_ratio = float(max_weight_ratio) if max_weight_ratio else None
         self.rule = normalize_rule(rule)
         self.backend = normalize_backend(backend)
         if self.backend != "flower" and self.rule != "fedavg":
@@ -313,6 +448,8 @@ class SharedKeyFedAvg(FedAvg):
             log(INFO, "\t│\t├── Nodes to select: %s", selected)
         log(INFO, "\t│\t├── Max update norm: %s", self.max_update_norm)
         log(INFO, "\t│\t├── Max update bytes: %s", self.max_update_bytes)
+        log(INFO, "\t│\t├── Weighting: %s (max num-examples %s, max weight ratio %s)",
+            self.weighting, self.max_num_examples, self.max_weight_ratio)
         log(INFO, "\t│\t└── Frozen ArrayRecords: %s", list(self.frozen_arrays))
         super().summary()
 
@@ -387,11 +524,12 @@ class SharedKeyFedAvg(FedAvg):
 
     def _train_reply_problems(self, msg: Message) -> list[str]:
         if msg.has_error():
-            return [f"error reply (code {msg.error.code}): {msg.error.reason}"]
+            return [_error_problem(msg)]
         problems = validate_reply_content(
             msg.content,
             weighted_by_key=self.weighted_by_key,
             arrayrecord_key=self.arrayrecord_key,
+            max_num_examples=self.max_num_examples,
         )
         if problems:
             return problems
@@ -408,9 +546,9 @@ class SharedKeyFedAvg(FedAvg):
         phase: str,
         replies: Iterable[Message],
         problems_of: Callable[[Message], list[str]],
-    ) -> list[Message]:
+    ) -> list[_Screened]:
         """Log every reply in `round_log`, reject bad ones, return the good ones."""
-        accepted: list[Message] = []
+        accepted: list[_Screened] = []
         replies = list(replies)
         sent = self._sent.pop(phase, None)
         # message id -> node it was sent to (ids are set once the grid pushed them)
@@ -422,21 +560,30 @@ class SharedKeyFedAvg(FedAvg):
             heard.add(node_id)
             if msg.metadata.src_node_id == node_id:
                 replied.add(node_id)
-            problems = problems_of(msg)
-            self.round_log.append(
-                {
-                    "round": server_round,
-                    "phase": phase,
-                    "node_id": node_id,
-                    "metrics": _metrics_dict(msg),
-                    "accepted": not problems,
-                    "problems": problems,
-                }
-            )
+            problems = self._problems_safely(phase, node_id, msg, problems_of)
+            metrics, left_out = _metrics_dict(
+                msg, self.weighted_by_key,
+                *((LOGGED_KEYS_OF_REJECTED, LOGGED_LIST_OF_REJECTED) if problems
+                  else (MAX_METRIC_KEYS, MAX_LIST_LEN)))
+            entry: dict[str, Any] = {
+                "round": server_round,
+                "phase": phase,
+                "node_id": node_id,
+                "metrics": metrics,
+                "accepted": not problems,
+                "problems": problems,
+                "weight": None,
+                "notes": [],
+            }
+            if left_out:
+                entry["metrics_left_out"] = left_out
+            self.round_log.append(entry)
             if problems:
                 self._reject(server_round, phase, node_id, problems)
             else:
-                accepted.append(msg)
+                weights = next(iter(msg.content.metric_records.values()))
+                claimed = cast(int | float, weights[self.weighted_by_key])
+                accepted.append(_Screened(msg, entry, claimed))
         if sent:
             self._record_nodes(server_round, phase, sent, replied, heard)
         log(
@@ -447,8 +594,112 @@ class SharedKeyFedAvg(FedAvg):
             len(replies),
         )
         if accepted:
-            _harmonize_metric_keys(accepted, phase)
+            _harmonize_metric_keys([r.msg for r in accepted], phase)
         return accepted
+
+    def _problems_safely(
+        self,
+        phase: str,
+        node_id: int,
+        msg: Message,
+        problems_of: Callable[[Message], list[str]],
+    ) -> list[str]:
+        """`problems_of(msg)`; a check that raises on a reply's data rejects that reply (the
+        traceback is logged: it is a bug of ours or of a library, and must be seen)."""
+        try:
+            return problems_of(msg)
+        except Exception as exc:  # pylint: disable=broad-except
+            log(ERROR, "aggregate_%s: validating the reply of node %d raised; rejecting it",
+                phase, node_id, exc_info=True)
+            return [f"validation failed: {_exc_text(exc)}"]
+
+    def _weigh(self, phase: str, replies: list[_Screened]) -> None:
+        """Effective weights (module doc, "Weights"): note them in `round_log` and write them,
+        normalised to sum to 1, into each reply's MetricRecord for the arithmetic."""
+        claims = [float(r.claimed) for r in replies]
+        for r in replies:                   # weighed again if a reply was rejected late
+            r.entry["notes"] = []
+        if self.weighting == "equal":
+            weights = [1.0] * len(replies)
+        elif self.max_weight_ratio is None:
+            weights = claims
+        else:
+            median = float(statistics.median_low(claims))
+            cap = self.max_weight_ratio * median
+            weights = [min(w, cap) for w in claims]
+            for r, claim, weight in zip(replies, claims, weights, strict=True):
+                if weight < claim:
+                    note = (f"weight clipped from {_fmt_weight(claim)} to "
+                            f"{_fmt_weight(weight)} (max-weight-ratio "
+                            f"{_fmt_weight(self.max_weight_ratio)} x median "
+                            f"{_fmt_weight(median)})")
+                    log(WARNING, "aggregate_%s: node %d: %s", phase, r.entry["node_id"], note)
+                    r.entry["notes"] = [note]
+        for r, weight, share in zip(replies, weights, _shares(weights), strict=True):
+            r.entry["weight"] = int(weight) if float(weight).is_integer() else weight
+            r.weights[self.weighted_by_key] = share
+
+    def _reject_late(self, server_round: int, reply: _Screened, problem: str) -> None:
+        """Reject a reply that passed screening but breaks the arithmetic."""
+        reply.entry.update(accepted=False, problems=[problem], weight=None, notes=[])
+        self._reject(server_round, reply.entry["phase"], reply.entry["node_id"], [problem])
+
+    def _guarded(
+        self,
+        server_round: int,
+        phase: str,
+        replies: list[_Screened],
+        aggregate: Callable[[list[Message]], Any],
+        probe: Callable[[Message], None],
+    ) -> tuple[Any, list[_Screened]]:
+        """`aggregate` the weighed replies; if it raises, find the replies whose data alone
+        make `probe` raise, reject them and aggregate the rest.  An exception no single reply
+        reproduces is ours: logged and raised.  Returns (result or None, replies used).
+
+        The replies are left as they came (claimed weight, arrays: Flower's median and
+        trimmed mean pop them), so a retry, or a caller, sees them unchanged."""
+        key = self.arrayrecord_key
+        while replies:
+            self._weigh(phase, replies)
+            saved = [dict(cast(ArrayRecord, r.msg.content[key]).items())
+                     if key in r.msg.content.array_records else None for r in replies]
+            try:
+                return aggregate([r.msg for r in replies]), replies
+            except Exception:  # pylint: disable=broad-except
+                log(ERROR, "aggregate_%s: aggregation raised; looking for the reply that "
+                    "causes it", phase, exc_info=True)
+                self._restore(replies, saved)
+                culprits = self._culprits(replies, probe)
+                if not culprits:
+                    raise
+            finally:
+                self._restore(replies, saved)
+            for reply, problem in culprits:
+                self._reject_late(server_round, reply, problem)
+            bad = {id(reply) for reply, _ in culprits}
+            replies = [r for r in replies if id(r) not in bad]
+        return None, replies
+
+    def _restore(self, replies: list[_Screened],
+                 saved: list[dict[str, Array] | None]) -> None:
+        for reply, arrays in zip(replies, saved, strict=True):
+            reply.weights[self.weighted_by_key] = reply.claimed
+            if arrays is not None and (
+                self.arrayrecord_key not in reply.msg.content.array_records
+                or len(reply.msg.content[self.arrayrecord_key]) != len(arrays)
+            ):
+                reply.msg.content[self.arrayrecord_key] = ArrayRecord(arrays)
+
+    @staticmethod
+    def _culprits(replies: list[_Screened], probe: Callable[[Message], None]
+                  ) -> list[tuple[_Screened, str]]:
+        culprits = []
+        for reply in replies:
+            try:
+                probe(reply.msg)
+            except Exception as exc:  # pylint: disable=broad-except
+                culprits.append((reply, f"aggregation failed on this reply: {_exc_text(exc)}"))
+        return culprits
 
     def _record_nodes(
         self,
@@ -498,10 +749,14 @@ class SharedKeyFedAvg(FedAvg):
                 "aggregate_train called before configure_train: "
                 "no global arrays to validate replies against"
             )
-        accepted = self._screen(
+        screened = self._screen(
             server_round, "train", replies, self._train_reply_problems
         )
-        if not accepted:
+        result, screened = self._guarded(
+            server_round, "train", screened,
+            lambda accepted: self._aggregate_arrays(server_round, accepted), self._probe_train,
+        )
+        if result is None:
             log(
                 WARNING,
                 "aggregate_train: no valid replies in round %d; "
@@ -509,7 +764,21 @@ class SharedKeyFedAvg(FedAvg):
                 server_round,
             )
             return None, None
+        arrays, metrics = result
+        if arrays is not None:
+            bad = _nonfinite_keys(arrays)
+            if bad:
+                log(WARNING, "aggregate_train: round %d: the aggregate of %d replies is not "
+                    "finite in %d array(s) (%s); the previous global arrays stand",
+                    server_round, len(screened), len(bad), name_of(bad[0]))
+                return None, metrics
+        return arrays, metrics
 
+    def _aggregate_arrays(
+        self, server_round: int, accepted: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The rule's arithmetic on replies that passed validation and were weighed."""
+        reference = cast(dict[str, NDArray], self._reference)
         num_accepted = len(accepted)
         if self.rule in ("krum", "multi-krum"):
             if num_accepted <= 2 * self.num_malicious_nodes + 2:
@@ -533,8 +802,19 @@ class SharedKeyFedAvg(FedAvg):
             )
         arrays, metrics = self._inner.aggregate_train(server_round, accepted)
         if arrays is not None:
-            arrays = _like_reference(arrays, self._reference)
+            arrays = _like_reference(arrays, reference)
         return arrays, metrics
+
+    def _probe_train(self, msg: Message) -> None:
+        """One reply alone through the arithmetic that failed: its arrays decoded as the
+        configured backend decodes them, and its metrics aggregated."""
+        if self.rule == "fedavg" and self.backend != "flower":
+            record = cast(ArrayRecord, msg.content[self.arrayrecord_key])
+            weighted_mean([(reference_to_numpy(record), 1.0)], like=self._reference,
+                          accumulate_dtype=BACKEND_ACCUMULATE)
+        else:
+            aggregate_arrayrecords([msg.content], self.weighted_by_key)
+        self.train_metrics_aggr_fn([msg.content], self.weighted_by_key)
 
     def _backend_average(self, accepted: list[Message]) -> ArrayRecord:
         """Weighted average of accepted replies by the "streaming" or "ray" backend.
@@ -567,9 +847,10 @@ class SharedKeyFedAvg(FedAvg):
 
     def _evaluate_reply_problems(self, msg: Message) -> list[str]:
         if msg.has_error():
-            return [f"error reply (code {msg.error.code}): {msg.error.reason}"]
+            return [_error_problem(msg)]
         return validate_reply_content(
-            msg.content, weighted_by_key=self.weighted_by_key, arrayrecord_key=None
+            msg.content, weighted_by_key=self.weighted_by_key, arrayrecord_key=None,
+            max_num_examples=self.max_num_examples,
         )
 
     def aggregate_evaluate(
@@ -578,18 +859,42 @@ class SharedKeyFedAvg(FedAvg):
         replies: Iterable[Message],
     ) -> MetricRecord | None:
         """Aggregate evaluation metrics of the valid replies; log every node."""
-        accepted = self._screen(
+        screened = self._screen(
             server_round, "evaluate", replies, self._evaluate_reply_problems
         )
-        if not accepted:
-            return None
-        return super().aggregate_evaluate(server_round, accepted)
+
+        def aggregate(accepted: list[Message]) -> MetricRecord | None:
+            return FedAvg.aggregate_evaluate(self, server_round, accepted)
+
+        def probe(msg: Message) -> None:
+            self.evaluate_metrics_aggr_fn([msg.content], self.weighted_by_key)
+
+        metrics, _ = self._guarded(server_round, "evaluate", screened, aggregate, probe)
+        return cast(MetricRecord | None, metrics)
+
+
+def _nonfinite_keys(arrays: ArrayRecord) -> list[str]:
+    """Keys of floating-point arrays holding NaN/Inf (one summing pass over the aggregate)."""
+    return [key for key, array in arrays.items()
+            if np.issubdtype(np.dtype(array.dtype), np.inexact)
+            and nonfinite_count(array_view(array))]
+
+
+def _exc_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {short(str(exc), MAX_REASON_CHARS)}"
+
+
+def _error_problem(msg: Message) -> str:
+    """An error reply's reason, bounded (a node chooses it)."""
+    reason = short(str(msg.error.reason or ""), MAX_REASON_CHARS)
+    return f"error reply (code {msg.error.code}): {reason}"
 
 
 def make_strategy(rule: str, **kwargs: Any) -> SharedKeyFedAvg:
     """Build a `SharedKeyFedAvg` for `rule` (one of `RULES`).
 
     Keyword arguments go to `SharedKeyFedAvg` (e.g. `fraction_train`, `beta`,
-    `num_malicious_nodes`, `max_update_norm`, `frozen_arrays`, `backend`).
+    `num_malicious_nodes`, `max_update_norm`, `frozen_arrays`, `backend`,
+    `weighting`, `max_num_examples`, `max_weight_ratio`).
     """
     return SharedKeyFedAvg(rule=normalize_rule(rule), **kwargs)

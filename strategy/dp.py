@@ -313,7 +313,14 @@ class DpRun:
                    min_train_nodes)
 
     def make_strategy(self, rule: str, **kwargs: Any) -> UniformSharedKeyFedAvg:
-        """Like `strategy.make_strategy`, with equal weights (DP needs a plain average)."""
+        """Like `strategy.make_strategy`, with equal weights (DP needs a plain average).
+
+        `weighting` is forced to "equal" so that `round_log` records the weight DP really
+        uses (1 each); `max_num_examples` still rejects absurd claims."""
+        if kwargs.get("weighting", "equal") != "equal":
+            log(INFO, "DP: weighting %r ignored: differential privacy averages with equal "
+                "weights", kwargs["weighting"])
+        kwargs["weighting"] = "equal"
         return UniformSharedKeyFedAvg(rule=normalize_rule(rule), **kwargs)
 
     def wrap(self, strategy: SharedKeyFedAvg) -> AccountedClientSideFixedClipping:

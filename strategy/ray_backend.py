@@ -22,6 +22,10 @@ How it works
   bounds memory whatever N is (fan-in - 1 updates per level can still wait for their group).
 * The driver gets one partial sum per shard, divides by the total weight and casts to the
   dtypes of `like` (default: the first update's), rounding integer arrays to nearest.
+* Weights go to the tasks relative to the first update's weight, so any finite weight > 0 is
+  accepted without an exception, and huge but similar weights give the exact mean (see
+  `strategy.streaming`).  Only weights more than ~1e308 times apart give a non-finite mean
+  (the server normalises weights to sum to 1 first, so it never passes such).
 
 Tasks run with ``max_retries=0``: a retryable task makes Ray keep its lineage (the task and
 its arguments) while its output is referenced, which here would pin every update shard put
@@ -37,6 +41,7 @@ simulation on a local or `ray start` cluster).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -106,24 +111,26 @@ def plan_shards(nbytes: Mapping[str, int], shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+Partial = tuple[dict[str, np.ndarray], float]   # (sums, scale): scale * sums = sum_i w_i a_i
+
+
 @ray.remote(max_retries=0)  # no retries: no lineage pinning (see module doc)
 def _leaf_sum(weights: list[float], accumulate_dtype: str,
-              *shards: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+              *shards: Mapping[str, np.ndarray]) -> Partial:
     """Partial weighted sum of `fan_in` update shards."""
     acc = StreamingWeightedMean(accumulate_dtype)
     for shard, weight in zip(shards, weights, strict=True):
         acc.add(shard, weight)
-    return acc.sums()
+    return acc.scaled_sums()
 
 
 @ray.remote(max_retries=0)  # no retries: no lineage pinning (see module doc)
-def _combine(accumulate_dtype: str,
-             *partials: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _combine(accumulate_dtype: str, *partials: Partial) -> Partial:
     """Sum of partial sums (one tree level up)."""
     acc = StreamingWeightedMean(accumulate_dtype)
-    for partial in partials:
-        acc.merge(partial, 1.0)
-    return acc.sums()
+    for sums, scale in partials:
+        acc.merge(sums, 1.0, scale=scale)     # the weight totals are kept by the driver
+    return acc.scaled_sums()
 
 
 class _InFlight:
@@ -279,7 +286,8 @@ def ray_weighted_mean(
     in_flight = _InFlight()
     trees = [_ShardTree(fan_in, accumulate_dtype, sum_bytes(keys), in_flight)
              for keys in shards]
-    total_weight = 0.0
+    total_weight = 0.0           # relative to `base`, the first update's weight
+    base = _check_weight(first[1])
     head = [first]
     del first
 
@@ -288,7 +296,7 @@ def ray_weighted_mean(
         yield from iterator
 
     for index, (arrays, weight) in enumerate(stream()):
-        weight = _check_weight(weight)
+        weight = min(_check_weight(weight) / base, sys.float_info.max)   # inf only past 1e308
         if arrays.keys() != shapes.keys():
             raise ValueError(f"update {index}: keys differ from the first update's")
         for key, shape in shapes.items():
@@ -309,8 +317,8 @@ def ray_weighted_mean(
     finals = [tree.finish() for tree in trees]
     out: dict[str, np.ndarray] = {}
     for ref in finals:
-        sums = ray.get(ref)
+        sums, scale = ray.get(ref)
         for key, total in sums.items():
-            out[key] = finalize(total, total_weight, dtypes[key], shapes[key])
+            out[key] = finalize(total, total_weight / scale, dtypes[key], shapes[key])
         del sums
     return {key: out[key] for key in order}

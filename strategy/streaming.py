@@ -24,6 +24,12 @@ accumulator per key, in place:
 reference's) key order, shapes and dtypes; integer arrays are rounded to nearest first, as
 `strategy.aggregation._like_reference` does for Flower's result.  NumPy arrays in and out and no
 Flower, so Ray workers (`strategy.ray_backend`) use it too.
+
+Any finite weight > 0 is accepted, however large: weights are folded relative to a running
+scale (1.0 unless a weight above `RESCALE_ABOVE` arrives, which rescales the accumulators once),
+so a factor never exceeds what float32 holds (torch refuses to multiply a float32 tensor by
+3.5e38) and huge but similar weights still give the exact mean.  The server itself passes
+weights normalised to sum to 1 (`strategy.aggregation`); the guard is for everyone else.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 KERNELS = ("torch", "numpy")
 DEFAULT_BLOCK = 1 << 18  # elements per scratch block: 2 MiB in float64 (measured best on cpu2)
+# A weight more than this many times the current scale rescales the accumulators first: far
+# below float32's 3.4e38, far above any real ratio of sample counts (so it never costs a pass)
+RESCALE_ABOVE = 2.0**64
 
 
 def _accumulator_dtype(dtype: np.dtype, accumulate_dtype: np.dtype) -> np.dtype:
@@ -142,8 +151,16 @@ class StreamingWeightedMean:
         self._scratch: list[dict[np.dtype, np.ndarray]] = []  # per thread, per dtype
         self._pool: ThreadPoolExecutor | None = None
         self.count = 0
-        self.total_weight = 0.0
+        # the accumulators hold sum_i (w_i / scale) a_i; their weight total is kept likewise
+        self._scale = 1.0
+        self._relative_total = 0.0
         self._finished = False
+
+    @property
+    def total_weight(self) -> float:
+        """Sum of the weights added (may be inf for weights near float64's limit)."""
+        with np.errstate(over="ignore"):
+            return float(np.float64(self._relative_total) * self._scale)
 
     # -- accumulation -------------------------------------------------------------------------
 
@@ -279,18 +296,38 @@ class StreamingWeightedMean:
             future.result()
 
     def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
-        """Fold in one update with weight `weight` (finite, > 0)."""
+        """Fold in one update with weight `weight` (finite, > 0, any size)."""
         weight = _check_weight(weight)
-        self._fold(arrays, weight, scale=True)
+        if weight / self._scale > RESCALE_ABOVE:
+            self._rescale(weight)
+        factor = weight / self._scale
+        self._fold(arrays, factor, scale=True)
         self.count += 1
-        self.total_weight += weight
+        self._relative_total += factor
 
-    def merge(self, sums: Mapping[str, np.ndarray], total_weight: float, count: int = 1) -> None:
-        """Fold in already weighted sums (``sum_i w_i a_i`` of `count` updates, weight total)."""
+    def merge(self, sums: Mapping[str, np.ndarray], total_weight: float, count: int = 1,
+              *, scale: float = 1.0) -> None:
+        """Fold in already weighted sums: ``scale * sums`` is ``sum_i w_i a_i`` of `count`
+        updates whose weights total `total_weight` (`scaled_sums()` gives both)."""
         total_weight = _check_weight(total_weight)
-        self._fold(sums, total_weight, scale=False)
+        scale = _check_weight(scale)
+        if scale / self._scale > RESCALE_ABOVE:
+            self._rescale(scale)
+        factor = scale / self._scale
+        self._fold(sums, factor, scale=factor != 1.0)
         self.count += count
-        self.total_weight += total_weight
+        self._relative_total += total_weight / self._scale
+
+    def _rescale(self, scale: float) -> None:
+        """Express the accumulators relative to `scale` instead (one pass; rare, see module doc).
+        Contributions that become negligible may underflow to 0, as they would in the mean."""
+        self._flush()
+        ratio = self._scale / scale
+        with np.errstate(over="ignore", under="ignore"):
+            for acc in self._acc.values():
+                np.multiply(acc, ratio, out=acc)
+        self._relative_total *= ratio
+        self._scale = scale
 
     def close(self) -> None:
         """Stop the worker threads (if any); `result()` does this too."""
@@ -300,9 +337,21 @@ class StreamingWeightedMean:
 
     # -- results ------------------------------------------------------------------------------
 
-    def sums(self) -> dict[str, np.ndarray]:
-        """The weighted sums ``sum_i w_i a_i`` (views of the accumulators, in their shapes)."""
+    def scaled_sums(self) -> tuple[dict[str, np.ndarray], float]:
+        """(sums, scale) with ``scale * sums`` the weighted sums: views of the accumulators as
+        they are, so no overflow whatever the weights (for `merge(..., scale=scale)`)."""
         self._flush()
+        return ({key: acc.reshape(self._shapes[key]) for key, acc in self._acc.items()},
+                self._scale)
+
+    def sums(self) -> dict[str, np.ndarray]:
+        """The weighted sums ``sum_i w_i a_i`` (views of the accumulators, in their shapes).
+
+        After weights above `RESCALE_ABOVE` the accumulators are first scaled back to absolute
+        units, which may overflow to inf (never raises); `result()` has no such limit."""
+        self._flush()
+        if self._scale != 1.0:
+            self._rescale(1.0)
         return {key: acc.reshape(self._shapes[key]) for key, acc in self._acc.items()}
 
     def result(self, like: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -325,7 +374,7 @@ class StreamingWeightedMean:
         self._plan = []  # its views would keep every accumulator alive until the end
         out: dict[str, np.ndarray] = {}
         for key in order:
-            out[key] = finalize(self._acc.pop(key), self.total_weight, dtypes[key],
+            out[key] = finalize(self._acc.pop(key), self._relative_total, dtypes[key],
                                 self._shapes[key])
         self._scratch = []
         return out

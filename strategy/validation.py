@@ -7,6 +7,12 @@ individual bad replies: a private head returned by mistake, a model of another
 preset, NaNs from a diverged client, or a deliberately scaled update. These
 functions compare each reply with the global arrays the server itself sent, so a
 bad reply can be dropped with a readable reason while the round goes on.
+
+`validate_reply_content` also bounds what a reply may carry besides the update
+(metric and config keys, key length, list length, string size, the weight
+`num-examples`): a site that does not run our outbound guard must not be able to
+smuggle data through metrics, bloat `metrics.jsonl`, or take over FedAvg.  Every
+name a reply controls is truncated before it reaches a log line or a reason.
 """
 
 import functools
@@ -23,10 +29,31 @@ from flwr.common.constant import SType
 MAX_LISTED_KEYS = 8
 BLOCK = 1 << 18  # elements per scratch block of the norm (1-2 MiB: stays in cache)
 
+# Bounds on the non-array part of a reply.  Our clients send ~10 scalar metrics and no
+# ConfigRecord; the list and string bounds match the outbound guard (clients/guard.py).
+MAX_METRIC_KEYS = 256          # over all MetricRecords of a reply
+MAX_CONFIG_KEYS = 64           # over all ConfigRecords of a reply
+MAX_RECORDS = 8                # records of any kind in one reply
+MAX_KEY_CHARS = 128            # a record name or a key
+MAX_LIST_LEN = 64              # a metric or config list
+MAX_CONFIG_STR = 256           # a config string or bytes value
+MAX_REASON_CHARS = 256         # text a node controls (error reasons) quoted in a problem
+INT64_MAX = 2**63 - 1          # what Flower's wire format carries for an int
+
+
+def short(text: str, limit: int = MAX_KEY_CHARS) -> str:
+    """`text` cut to `limit` characters (with a note of how much was cut)."""
+    return text if len(text) <= limit else f"{text[:limit]}...(+{len(text) - limit} chars)"
+
+
+def name_of(key: object) -> str:
+    """repr of a name a sender chose, truncated: no unbounded key names in logs."""
+    return short(repr(key))
+
 
 def _fmt_keys(keys: Sequence[str]) -> str:
     """List keys readably without flooding the log for a wholly wrong model."""
-    shown = ", ".join(repr(k) for k in keys[:MAX_LISTED_KEYS])
+    shown = ", ".join(name_of(k) for k in keys[:MAX_LISTED_KEYS])
     rest = len(keys) - MAX_LISTED_KEYS
     return f"{shown}, ... (+{rest} more)" if rest > 0 else shown
 
@@ -151,7 +178,7 @@ def validate_update(
         try:
             value = array_view(sent)
         except (TypeError, ValueError, OSError, EOFError) as exc:
-            problems.append(f"{key!r}: cannot decode array ({exc})")
+            problems.append(f"{key!r}: cannot decode array ({short(str(exc), MAX_REASON_CHARS)})")
             continue
         if tuple(sent.shape) != value.shape or sent.dtype != str(value.dtype):
             problems.append(
@@ -193,35 +220,104 @@ def validate_reply_content(
     *,
     weighted_by_key: str = "num-examples",
     arrayrecord_key: str | None = "arrays",
+    max_num_examples: int | None = None,
 ) -> list[str]:
     """Return structural problems of a reply (empty = valid).
 
     Mirrors Flower's `validate_message_reply_consistency`, but per reply and
-    without raising: exactly one ArrayRecord (named `arrayrecord_key`; pass None
-    for evaluate replies, which carry none) and exactly one MetricRecord holding
-    a finite scalar weight `weighted_by_key` > 0. Extra ConfigRecords are allowed.
+    without raising: exactly one ArrayRecord named `arrayrecord_key` (pass None for
+    evaluate replies, which must carry none) and exactly one MetricRecord holding the
+    weight `weighted_by_key`: a whole number >= 1 and at most `max_num_examples`
+    (None: no cap).  ConfigRecords are allowed within the bounds above, and every
+    metric and config value must be within them too (`_record_problems`).
     """
-    problems: list[str] = []
-    if arrayrecord_key is not None:
-        names = list(content.array_records.keys())
-        if names != [arrayrecord_key]:
-            problems.append(
-                f"expected exactly one ArrayRecord named {arrayrecord_key!r}, "
-                f"got {names}"
-            )
+    problems = _shape_problems(content, arrayrecord_key)
+    if problems:
+        return problems
+    problems = _record_problems(content)
     metric_names = list(content.metric_records.keys())
     if len(metric_names) != 1:
-        problems.append(f"expected exactly one MetricRecord, got {metric_names}")
+        problems.append(f"expected exactly one MetricRecord, got [{_fmt_keys(metric_names)}]")
         return problems
     metrics = content.metric_records[metric_names[0]]
     if weighted_by_key not in metrics:
         problems.append(f"MetricRecord lacks the weight {weighted_by_key!r}")
         return problems
-    weight = metrics[weighted_by_key]
-    if isinstance(weight, bool) or not isinstance(weight, int | float):
-        problems.append(
-            f"{weighted_by_key!r} must be a scalar, got {type(weight).__name__}"
-        )
-    elif not math.isfinite(weight) or weight <= 0:
-        problems.append(f"{weighted_by_key!r} must be finite and > 0, got {weight}")
+    problem = weight_problem(metrics[weighted_by_key], weighted_by_key, max_num_examples)
+    if problem:
+        problems.append(problem)
     return problems
+
+
+def _shape_problems(content: RecordDict, arrayrecord_key: str | None) -> list[str]:
+    """How many records, and which ArrayRecords, a reply has."""
+    if len(content) > MAX_RECORDS:
+        return [f"{len(content)} records in one reply (max {MAX_RECORDS})"]
+    names = list(content.array_records.keys())
+    if arrayrecord_key is None:
+        if names:
+            return [f"evaluate replies carry no ArrayRecord, got [{_fmt_keys(names)}]"]
+    elif names != [arrayrecord_key]:
+        return [f"expected exactly one ArrayRecord named {arrayrecord_key!r}, "
+                f"got [{_fmt_keys(names)}]"]
+    return []
+
+
+def _record_problems(content: RecordDict) -> list[str]:
+    """Bounds on the MetricRecords and ConfigRecords (see the module constants)."""
+    problems: list[str] = []
+    for kind, records, max_keys in (("MetricRecord", content.metric_records, MAX_METRIC_KEYS),
+                                    ("ConfigRecord", content.config_records, MAX_CONFIG_KEYS)):
+        num_keys = sum(len(record) for record in records.values())
+        if num_keys > max_keys:
+            problems.append(f"{kind}s hold {num_keys} keys (max {max_keys})")
+            continue
+        for name, record in records.items():
+            if len(name) > MAX_KEY_CHARS:
+                problems.append(f"{kind} name {name_of(name)} is longer than "
+                                f"{MAX_KEY_CHARS} characters")
+            for key, value in record.items():
+                problem = _value_problem(key, value)
+                if problem:
+                    problems.append(f"{kind} {name_of(name)}: {problem}")
+                    if len(problems) >= MAX_LISTED_KEYS:
+                        return problems
+    return problems
+
+
+def _value_problem(key: str, value: object) -> str | None:
+    """Why one metric/config entry is out of bounds (None: fine)."""
+    if len(key) > MAX_KEY_CHARS:
+        return f"key {name_of(key)} is longer than {MAX_KEY_CHARS} characters"
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and len(value) > MAX_LIST_LEN:
+        return f"key {name_of(key)} holds a list of {len(value)} values (max {MAX_LIST_LEN})"
+    for item in items:
+        if isinstance(item, str | bytes) and len(item) > MAX_CONFIG_STR:
+            return (f"key {name_of(key)} holds a {type(item).__name__} of {len(item)} "
+                    f"characters (max {MAX_CONFIG_STR})")
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > INT64_MAX:
+            return f"key {name_of(key)} holds an integer outside int64"
+    return None
+
+
+def weight_problem(weight: object, key: str = "num-examples",
+                   max_num_examples: int | None = None) -> str | None:
+    """Why `weight` cannot weight a reply (None: it can).
+
+    A whole number >= 1 (an int, or a float without a fraction), so 0.5, NaN, inf,
+    negatives and bools are refused; above `max_num_examples` is refused too, naming
+    the cap, rather than clipped: a claim that large is a lie or a misconfiguration.
+    """
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        return f"{key!r} must be a number, got {type(weight).__name__}"
+    if isinstance(weight, int) and abs(weight) > INT64_MAX:     # before any str() of it
+        return f"{key!r} must be a whole number >= 1 within int64"
+    if isinstance(weight, float) and not math.isfinite(weight):
+        return f"{key!r} must be a finite whole number >= 1, got {weight}"
+    if weight < 1 or (isinstance(weight, float) and not weight.is_integer()):
+        return f"{key!r} must be a whole number >= 1, got {short(repr(weight), 32)}"
+    if max_num_examples is not None and weight > max_num_examples:
+        return (f"{key!r} = {weight!r} exceeds max-num-examples {max_num_examples} "
+                f"(raise the run-config key 'max-num-examples' if a site really holds more)")
+    return None

@@ -166,6 +166,41 @@ def test_merge_of_partial_sums_equals_one_pass() -> None:
     assert_same(both.result(like=ups[0]), by_hand(ups, WEIGHTS))
 
 
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+@pytest.mark.parametrize("accumulate", ["float32", "float64"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_streaming_takes_any_finite_weight(kernel: str, accumulate: str, group: int) -> None:
+    """Weights past float32's range (torch raised "value cannot be converted to type float
+    without overflow" for 3.5e38) and near float64's: no exception, the right mean."""
+    ups = updates(n=4)
+    for weights in ([3.5e38, 3.5e38, 7e38, 3.5e38], [1.0, 1e300, 2e300, 1.0],
+                    [1e-300, 3.0, 1.0, 5e20]):
+        acc = StreamingWeightedMean(accumulate, block=1000, kernel=kernel, group=group)
+        for u, w in zip(ups, weights):
+            acc.add(u, w)
+        got = acc.result(like=ups[0])
+        want = by_hand(ups, [w / max(weights) for w in weights])
+        for key in want:
+            np.testing.assert_allclose(got[key].astype(np.float64),
+                                       want[key].astype(np.float64), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{weights} {key}")
+
+
+def test_streaming_sums_after_a_huge_weight_are_absolute() -> None:
+    ups = updates(n=2)
+    left = StreamingWeightedMean()
+    left.add(ups[0], 1.0)
+    left.add(ups[1], 1e30)               # rescales the accumulators
+    assert left.total_weight == pytest.approx(1e30)
+    sums = left.sums()
+    np.testing.assert_allclose(sums["layer.weight"],
+                               ups[0]["layer.weight"] + 1e30 * ups[1]["layer.weight"].astype(
+                                   np.float64), rtol=1e-12)
+    both = StreamingWeightedMean()
+    both.merge(sums, left.total_weight, left.count)
+    assert_same(both.result(like=ups[0]), by_hand(ups, [1e-30, 1.0]))
+
+
 def test_plan_shards_by_bytes() -> None:
     sizes = {"a": 40, "b": 40, "c": 100, "d": 10, "e": 10}
     assert plan_shards(sizes, 80) == [["a", "b"], ["c"], ["d", "e"]]
@@ -203,6 +238,18 @@ def test_ray_equals_weighted_average(local_ray, fan_in: int, shard_bytes: int) -
     assert_same(one, ups[0])
     with pytest.raises(ValueError, match="keys differ"):
         ray_weighted_mean([(ups[0], 1.0), ({"x": np.zeros(1)}, 1.0)])
+
+
+def test_ray_takes_any_finite_weight(local_ray) -> None:
+    from strategy.ray_backend import ray_weighted_mean
+
+    ups = updates(n=3)
+    for weights in ([3.5e38, 3.5e38, 7e38], [1.0, 1e300, 1.0]):
+        got = ray_weighted_mean(zip(ups, weights), fan_in=2, accumulate_dtype="float32")
+        want = by_hand(ups, [w / max(weights) for w in weights])
+        for key in want:
+            np.testing.assert_allclose(got[key].astype(np.float64),
+                                       want[key].astype(np.float64), rtol=1e-5, atol=1e-6)
 
 
 # --- SharedKeyFedAvg(backend=...) ----------------------------------------------------------
@@ -262,6 +309,28 @@ def test_other_rules_keep_flowers_arithmetic() -> None:
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0])
+
+
+def test_strategy_backends_weigh_like_flower_after_clipping(request: pytest.FixtureRequest
+                                                          ) -> None:
+    """The clipped weights are what every backend uses (same result as Flower's FedAvg)."""
+    request.getfixturevalue("local_ray")
+    ups = updates(n=4)
+    reference = record({k: np.zeros_like(v) for k, v in ups[0].items()})
+    claims = [100, 120, 90, 50_000]                          # the last one clipped to 4 x 100
+    results = {}
+    for backend in BACKENDS:
+        strategy = configured(reference, backend=backend)
+        replies = [reply(i + 1, record(u), n) for i, (u, n) in enumerate(zip(ups, claims))]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None and strategy.round_log[-1]["weight"] == 400
+        results[backend] = values(arrays)
+    want = by_hand(ups, [100, 120, 90, 400])
+    for backend, got in results.items():
+        for key in ("layer.weight", "layer.scale", "layer.bias"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{backend} {key}")
+        assert got["bn.num_batches_tracked"] == want["bn.num_batches_tracked"], backend
 
 
 def test_run_config_has_the_backend_key() -> None:

@@ -191,3 +191,20 @@ def test_wire_dtype_is_validated():
     from federation.protocol import run_config
     with pytest.raises(ValueError, match="wire-dtype"):
         run_config({"wire-dtype": "bfloat16"})
+
+
+def test_run_config_defaults_are_the_declared_ones_and_pass_validation():
+    """pyproject.toml's [tool.flwr.app.config] (what `flwr run` sends) and RUN_CONFIG_DEFAULTS
+    declare the same keys and values, and those defaults pass `run_config`."""
+    import tomllib
+    from pathlib import Path
+
+    from federation.protocol import RUN_CONFIG_DEFAULTS, run_config
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RUN_CONFIG_DEFAULTS
+    assert {k: type(v) for k, v in declared.items()} == \
+        {k: type(v) for k, v in RUN_CONFIG_DEFAULTS.items()}
+    assert run_config(declared) == RUN_CONFIG_DEFAULTS
+    assert (declared["weighting"], declared["max-num-examples"], declared["max-weight-ratio"]) \
+        == ("num-examples", 1_000_000, 4.0)

@@ -216,7 +216,7 @@ BAD_REPLIES: dict[str, tuple[Callable[[], Message], str]] = {
     ),
     "zero-weight": (
         lambda: reply(99, record(1.0), num_examples=0),
-        "'num-examples' must be finite and > 0",
+        "'num-examples' must be a whole number >= 1, got 0",
     ),
     "frozen-echoed-back": (
         lambda: reply(99, record(1.0), extra_records={"frozen-generator": record(0.0)}),
