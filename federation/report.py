@@ -1,23 +1,58 @@
 """The run report: one Markdown file with the server-side benchmark per round and per-site
-lines, written next to metrics.jsonl at the end of a run (and by `minusfed report RUN_DIR`)."""
+lines, written next to metrics.jsonl at the end of a run (and by `minusfed report RUN_DIR`).
+
+The report is derived from metrics.jsonl and must never be what stops a run: a line that is not
+a round or client record is skipped with a warning naming it, a missing metric shows as "-",
+and a round trained again after a resume (from checkpoint.prev.pt) shows its last try."""
 
 from __future__ import annotations
 
-import json
+import os
+from logging import WARNING
 from pathlib import Path
 
+from flwr.common.logger import log
+
 from minusface.presets import Preset
+from strategy.checkpoint import numbered_jsonl
+
+
+def _kind(rec: dict) -> str | None:
+    """Which record `rec` is: "round", "client", or None (one the report cannot show)."""
+    if not isinstance(rec.get("round"), int) or not isinstance(rec.get("stage"), str):
+        return None
+    if "client" in rec:
+        return "client" if isinstance(rec["client"], dict) else None
+    return "round" if isinstance(rec.get("metrics"), dict) else None
 
 
 def _rows(out_dir: Path) -> tuple[list[dict], list[dict]]:
-    rounds, clients = [], []
+    rounds: list[dict] = []
+    clients: list[dict] = []
     path = out_dir / "metrics.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        (clients if "client" in rec else rounds).append(rec)
+    for number, rec in numbered_jsonl(path):
+        kind = _kind(rec)
+        if kind is None:
+            log(WARNING, "%s line %d: expected a round record (round, stage, metrics) or a "
+                "client record (round, stage, client); skipped", path, number)
+        elif kind == "client":
+            clients.append(rec)
+        else:
+            if rounds and rounds[-1]["round"] >= rec["round"]:
+                # trained again after resuming from an earlier checkpoint: the last try counts
+                log(WARNING, "%s line %d: round %d again (a resume from an earlier "
+                    "checkpoint); the report shows this try", path, number, rec["round"])
+                rounds = [r for r in rounds if r["round"] < rec["round"]]
+                clients = [c for c in clients if c["round"] < rec["round"]]
+            rounds.append(rec)
     return rounds, clients
+
+
+def _fmt(value: object, spec: str, scale: float = 1.0) -> str:
+    """`value` formatted, or "-" where a metric is missing or not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    return format(scale * value, spec)
 
 
 def round_table(rounds: list[dict]) -> str:
@@ -25,13 +60,13 @@ def round_table(rounds: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         m = r["metrics"]
-        client_acc = m.get("clients_evaluate_accuracy")
         lines.append(
-            f"| {r['round']} | {r['stage']} | {m.get('lr', float('nan')):.4g} | "
-            f"{100 * m['server_accuracy']:.2f} ± {100 * m['server_accuracy_std']:.2f} | "
-            f"{m['server_auc']:.4f} | {m['server_tar_at_far_1e-2']:.3f} | "
-            f"{'-' if client_acc is None else f'{100 * client_acc:.2f}'} | "
-            f"{m.get('round_seconds', 0):.1f} s |")
+            f"| {r['round']} | {r['stage']} | {_fmt(m.get('lr'), '.4g')} | "
+            f"{_fmt(m.get('server_accuracy'), '.2f', 100)} ± "
+            f"{_fmt(m.get('server_accuracy_std'), '.2f', 100)} | "
+            f"{_fmt(m.get('server_auc'), '.4f')} | {_fmt(m.get('server_tar_at_far_1e-2'), '.3f')} | "
+            f"{_fmt(m.get('clients_evaluate_accuracy'), '.2f', 100)} | "
+            f"{_fmt(m.get('round_seconds'), '.1f')} s |")
     return "\n".join(lines)
 
 
@@ -40,11 +75,12 @@ def client_table(clients: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for rec in clients:
         c = rec["client"]
-        m = c.get("metrics", {})
+        m = c.get("metrics") if isinstance(c.get("metrics"), dict) else {}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())
                           if isinstance(v, float) and k != "num-examples")
+        problems = c.get("problems") if isinstance(c.get("problems"), list) else []
         lines.append(f"| {rec['round']} | {rec['stage']} | {c.get('node_id')} | {c.get('phase', '')} | "
-                     f"{'yes' if c.get('accepted', True) else 'no: ' + '; '.join(c.get('problems', []))} | "
+                     f"{'yes' if c.get('accepted', True) else 'no: ' + '; '.join(map(str, problems))} | "
                      f"{m.get('num-examples', '')} | {shown} |")
     return "\n".join(lines)
 
@@ -58,7 +94,9 @@ def write_report(out_dir: Path, preset: Preset | None = None) -> Path:
             "centre-cropped, not aligned, trained on LFW only.", "",
             "## Rounds", "", round_table(rounds), "", "## Sites", "", client_table(clients), ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(text), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(text), encoding="utf-8")
+    os.replace(tmp, path)          # a crash leaves the old report, never half of one
     return path
 
 

@@ -5,12 +5,23 @@ sites with every stage-2 message, and stage 2 rounds aggregate f_p.  Each round 
 `strategy.start(num_rounds=1)` call so the LR schedule, checkpoint, server-side evaluation and
 per-client metric lines happen between rounds; a restarted run resumes after the last
 checkpointed round.  Outputs (absolute `out-dir`): checkpoint.pt, metrics.jsonl, final/.
+
+Every checkpoint records the run-config values that shape the models (`made_with`).  A resume
+whose run config cannot continue the checkpoint (another preset, arrays of other shapes, a
+plan that puts the checkpoint's round in the other stage) fails before anything in out-dir is
+written; so does a fresh run in an out-dir holding an earlier run's outputs without a
+checkpoint.  A resumed run rewrites final/ (each file atomically); its files carry "meta"
+(preset, rounds planned / completed / aggregated, commit) so an untrained g can be told apart.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,10 +36,11 @@ from federation.report import write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
 from minusface.generator import UNetGenerator
-from minusface.presets import get_preset
+from minusface.presets import Preset, get_preset
 from minusface.runtime import tune_allocator
 from minusface.weights import save_generator
 from strategy import CheckpointStore, make_strategy
+from strategy.checkpoint import METRICS, CheckpointError, array_mismatches
 from strategy.dp import DpRun
 
 app = ServerApp()
@@ -55,6 +67,130 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> int:
         time.sleep(0.5)
 
 
+def made_with(cfg: dict, preset: Preset) -> dict[str, object]:
+    """The run-config values that shape the models; every checkpoint records them."""
+    return {"preset": preset.name, "seed": int(cfg["seed"]), "wire-dtype": str(cfg["wire-dtype"]),
+            "stage1-rounds": int(cfg["stage1-rounds"]), "stage2-rounds": int(cfg["stage2-rounds"])}
+
+
+def check_fresh_out_dir(out_dir: Path) -> None:
+    """A new run must not overwrite an earlier run's outputs that no checkpoint continues."""
+    earlier = [p for p in (out_dir / "final" / "generator.pt", out_dir / "final" / "models.pt",
+                           out_dir / METRICS) if p.is_file() and p.stat().st_size > 0]
+    if earlier:
+        raise FileExistsError(
+            f"out-dir {out_dir} holds an earlier run's outputs "
+            f"({', '.join(str(p.relative_to(out_dir)) for p in earlier)}) but no checkpoint to "
+            "resume from: a new run would overwrite them. Use a new out-dir, or move those "
+            "files elsewhere first.")
+
+
+def expected_arrays(stage: str, preset: Preset, seed: int,
+                    stage1_init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys and shapes a checkpoint of `stage` holds under `preset` (stage 2: f_p + frozen g)."""
+    if stage == STAGE1:
+        return stage1_init
+    with torch.random.fork_rng(devices=[]):      # initial_arrays seeds the global RNG
+        fresh = initial_arrays(STAGE2, preset, seed + 1)
+    return {**fresh, **{f"frozen.{k}": v for k, v in stage1_init.items()
+                        if k.startswith("generator.")}}
+
+
+def resume_problem(ck: dict, old: dict, made: dict, plan: list[tuple[str, int]], preset: Preset,
+                   stage1_init: dict[str, torch.Tensor]) -> str | None:
+    """Why this run config cannot continue checkpoint `ck` (made with `old`), or None."""
+    done, stage = int(ck["round"]), str(ck["stage"])
+    if stage not in (STAGE1, STAGE2):
+        return f"its stage is {stage!r}, expected {STAGE1!r} or {STAGE2!r}"
+    if old.get("preset", preset.name) != preset.name:
+        return f"its preset is {old['preset']!r}, the run config's is {preset.name!r}"
+    wrong = array_mismatches(ck["arrays"], expected_arrays(stage, preset, int(made["seed"]),
+                                                           stage1_init))
+    if wrong:
+        return f"its arrays do not fit preset {preset.name!r} ({'; '.join(wrong)})"
+    if not 1 <= done <= len(plan):
+        return f"it is after round {done}, but the run config plans {len(plan)} round(s)"
+    if plan[done - 1][0] != stage:
+        return (f"its round {done} is {stage}, but with stage1-rounds={made['stage1-rounds']} "
+                f"round {done} is {plan[done - 1][0]}")
+    if stage == STAGE2 and old.get("stage1-rounds", made["stage1-rounds"]) != made["stage1-rounds"]:
+        return (f"stage 1 ended after {old['stage1-rounds']} round(s) and g is frozen, so "
+                f"stage1-rounds must stay {old['stage1-rounds']}")
+    return None
+
+
+def check_resume(ck: dict, out_dir: Path, made: dict, plan: list[tuple[str, int]], preset: Preset,
+                 stage1_init: dict[str, torch.Tensor]) -> None:
+    """Refuse, before anything is written, a checkpoint this run config cannot continue."""
+    old = ck["extra"].get("made-with")
+    old = old if isinstance(old, dict) else {}      # checkpoints before made-with was recorded
+    problem = resume_problem(ck, old, made, plan, preset, stage1_init)
+    if problem:
+        shown = ("preset", "stage1-rounds", "stage2-rounds")
+        was = (", ".join(f"{k}={old[k]!r}" for k in shown if k in old)
+               or "unknown: see run_config.json")
+        now = ", ".join(f"{k}={made[k]!r}" for k in shown)
+        raise CheckpointError(
+            f"cannot resume the run in out-dir {out_dir} (checkpoint after round {ck['round']}, "
+            f"{ck['stage']}; made with {was}) with this run config ({now}): {problem}. Nothing "
+            "was changed. To continue that run, start it again with the run config it was made "
+            "with; to train with this one, use a new out-dir.")
+    for key in ("seed", "wire-dtype"):
+        if key in old and old[key] != made[key]:
+            log(WARNING, "minusfed: the checkpoint in %s was made with %s=%r; continuing with %r",
+                out_dir, key, old[key], made[key])
+
+
+def resumed_aggregated(ck: dict, plan: list[tuple[str, int]]) -> dict[str, int]:
+    """Rounds per stage whose aggregate changed the model, as of `ck` (older checkpoints did
+    not count them: every finished round is assumed to have)."""
+    saved = ck["extra"].get("aggregated")
+    if isinstance(saved, dict) and all(isinstance(saved.get(s), int) for s in (STAGE1, STAGE2)):
+        return {s: int(saved[s]) for s in (STAGE1, STAGE2)}
+    finished = plan[:int(ck["round"])]
+    return {s: sum(1 for stage, _ in finished if stage == s) for s in (STAGE1, STAGE2)}
+
+
+def source_commit() -> str | None:
+    """The git commit of this code when it runs from a checkout (a FAB install has none)."""
+    here = Path(__file__).resolve()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here.parent,
+                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # an enclosing repository that is not this project's must not be credited
+    if len(out) != 2 or Path(out[0]) / "federation" / "server_app.py" != here:
+        return None
+    return out[1] if re.fullmatch(r"[0-9a-f]{40}", out[1]) else None
+
+
+def final_meta(made: dict, plan: list[tuple[str, int]], done: int, aggregated: dict[str, int],
+               out_dir: Path) -> dict[str, object]:
+    """How final/ was made, stored in its files so `protect` can tell an untrained g."""
+    finished = plan[:done]
+    return {"preset": made["preset"], "seed": made["seed"], "wire-dtype": made["wire-dtype"],
+            **{f"{s}-rounds-planned": made[f"{s}-rounds"] for s in (STAGE1, STAGE2)},
+            **{f"{s}-rounds-completed": sum(1 for st, _ in finished if st == s)
+               for s in (STAGE1, STAGE2)},
+            **{f"{s}-rounds-aggregated": aggregated[s] for s in (STAGE1, STAGE2)},
+            "run-dir": str(out_dir), "commit": source_commit(),
+            "written-at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file, synced, then renamed: never half a file at `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run_server(grid: Grid, context: Context) -> None:
     """The whole run; registered as the ServerApp's main (and callable in-process)."""
     harden_runtime_link(grid)      # deployed runs: survive a dropped TLS keep-alive connection
@@ -65,6 +201,18 @@ def run_server(grid: Grid, context: Context) -> None:
     store = CheckpointStore(out_dir)
     data_path = resolve_data_path(str(cfg["data-path"]))
     min_nodes = int(cfg["min-nodes"])
+    wire = str(cfg["wire-dtype"])          # float16 halves the bytes; the master copy stays float32
+    rounds = {STAGE1: int(cfg["stage1-rounds"]), STAGE2: int(cfg["stage2-rounds"])}
+    plan = [(s, r) for s in (STAGE1, STAGE2) for r in range(1, rounds[s] + 1)]
+    state = {STAGE1: initial_arrays(STAGE1, preset, int(cfg["seed"])), STAGE2: None}
+    made = made_with(cfg, preset)
+    # before anything in out-dir is written: a checkpoint this config cannot continue (or an
+    # earlier run's outputs without one) stops the run here, with nothing overwritten
+    ck = store.latest()
+    if ck is None:
+        check_fresh_out_dir(out_dir)
+    else:
+        check_resume(ck, out_dir, made, plan, preset, state[STAGE1])
     log(INFO, "minusfed: preset %s, out-dir %s, data %s", preset.name, out_dir, data_path)
     nodes = wait_for_nodes(grid, min_nodes)
     # what later tools (privacy-eval --run DIR) need to rebuild the sites' partition
@@ -72,13 +220,9 @@ def run_server(grid: Grid, context: Context) -> None:
         {**cfg, "data-path": str(data_path), "num-clients": nodes}, indent=2, sort_keys=True))
     evaluator = ServerEvaluator(data_path, int(cfg["eval-fold"]), int(cfg["server-eval-pairs"]))
 
-    wire = str(cfg["wire-dtype"])          # float16 halves the bytes; the master copy stays float32
-    rounds = {STAGE1: int(cfg["stage1-rounds"]), STAGE2: int(cfg["stage2-rounds"])}
-    plan = [(s, r) for s in (STAGE1, STAGE2) for r in range(1, rounds[s] + 1)]
-    state = {STAGE1: initial_arrays(STAGE1, preset, int(cfg["seed"])), STAGE2: None}
     frozen: dict[str, torch.Tensor] | None = None
     done = 0
-    ck = store.latest()
+    aggregated = {STAGE1: 0, STAGE2: 0}    # rounds whose aggregate changed the model
     if ck is not None:
         done = int(ck["round"])
         arrays = ck["arrays"]
@@ -88,6 +232,7 @@ def run_server(grid: Grid, context: Context) -> None:
             state[STAGE2] = {k: v for k, v in arrays.items() if not k.startswith("frozen.")}
         else:
             state[STAGE1] = arrays
+        aggregated = resumed_aggregated(ck, plan)
         log(INFO, "minusfed: resuming after round %d (%s) from %s", done, stage, store.checkpoint_path)
 
     dp = DpRun.from_config(cfg, out_dir, grid.get_node_ids(), min_nodes)   # None: DP off
@@ -96,7 +241,9 @@ def run_server(grid: Grid, context: Context) -> None:
         fraction_evaluate=float(cfg["fraction-evaluate"]), min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
         max_update_norm=float(cfg["max-update-norm"]) or None,
-        backend=str(cfg["aggregation-backend"]))
+        backend=str(cfg["aggregation-backend"]), weighting=str(cfg["weighting"]),
+        max_num_examples=int(cfg["max-num-examples"]),
+        max_weight_ratio=float(cfg["max-weight-ratio"]) or None)
     runner = dp.wrap(strategy) if dp else strategy       # Flower's DP wrapper around it
     if dp and done:
         dp.resume()
@@ -126,6 +273,7 @@ def run_server(grid: Grid, context: Context) -> None:
         # no aggregate this round (all replies refused, or the DP wrapper skipped it): Flower's
         # Result then holds an empty ArrayRecord; the previous global arrays stand
         state[stage] = from_wire(result.arrays.to_torch_state_dict()) or state[stage]
+        aggregated[stage] += len(result.arrays) > 0
         metrics = {"stage_round": stage_round, "lr": lr, "round_seconds": seconds,
                    **evaluator(stage, preset, state[stage], frozen)}
         for source, by_round in (("train", result.train_metrics_clientapp),
@@ -136,7 +284,9 @@ def run_server(grid: Grid, context: Context) -> None:
         saved = dict(state[stage])
         if stage == STAGE2:
             saved.update({f"frozen.{k}": v for k, v in frozen.items()})
-        store.save(index, stage, saved, metrics=metrics)
+        store.save(index, stage, saved, metrics=metrics,
+                   extra={"made-with": made, "aggregated": dict(aggregated)})
+        done = index
         for entry in strategy.round_log:             # every reply, accepted or not, with why
             store.append_metrics({"round": index, "stage": stage, "client": entry})
         strategy.round_log.clear()
@@ -148,11 +298,15 @@ def run_server(grid: Grid, context: Context) -> None:
         dp.finish()
     final = out_dir / "final"
     final.mkdir(exist_ok=True)
+    meta = final_meta(made, plan, done, aggregated, out_dir)
+    if meta["stage1-rounds-aggregated"] == 0:
+        log(WARNING, "minusfed: no stage-1 round changed g: %s is an UNTRAINED generator",
+            final / "generator.pt")
     g = UNetGenerator(width=preset.generator_width)
     g.load_state_dict(unflatten(frozen if frozen is not None else state[STAGE1], "generator"))
-    save_generator(g, final / "generator.pt")
-    torch.save({"stage1": state[STAGE1], "stage2": state[STAGE2], "preset": preset.name},
-               final / "models.pt")
+    save_generator(g, final / "generator.pt", meta=meta)
+    _save_atomic({"stage1": state[STAGE1], "stage2": state[STAGE2], "preset": preset.name,
+                  "meta": meta}, final / "models.pt")
     report = write_report(out_dir, preset)
     log(INFO, "minusfed: finished; report %s", report)
     if cfg["privacy-eval"]:                         # every site attacks its own faces
