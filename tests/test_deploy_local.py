@@ -114,7 +114,7 @@ def test_commands_for_sites_content():
     text = commands_for_sites(3, host="sl.example.org", port=8443, keys_dir="certs",
                               connection="prod", run_config={"preset": "tiny", "stage1-rounds": 2})
     lines = text.splitlines()
-    superlink = [ln for ln in lines if ln.startswith("flower-superlink ")]
+    superlink = [ln for ln in lines if ln.startswith("python -m federation.deploy.superlink ")]
     assert len(superlink) == 1
     sl = shlex.split(superlink[0])
     for flag, value in [("--ssl-ca-certfile", "certs/ca.crt"), ("--ssl-certfile", "certs/server.pem"),
@@ -125,7 +125,8 @@ def test_commands_for_sites_content():
 
     register = [ln for ln in lines if ln.startswith("flwr supernode register ")]
     assert register == [f"flwr supernode register certs/supernode-{i}.pub prod" for i in range(3)]
-    nodes = [shlex.split(ln) for ln in lines if ln.startswith("flower-supernode ")]
+    nodes = [shlex.split(ln) for ln in lines
+             if ln.startswith("python -m federation.deploy.supernode ")]
     assert len(nodes) == 3
     for i, sn in enumerate(nodes):
         assert sn[sn.index("--auth-supernode-private-key") + 1] == f"supernode-{i}"
@@ -135,7 +136,7 @@ def test_commands_for_sites_content():
         assert "--insecure" not in sn
     # every register line comes before the first SuperNode
     assert max(lines.index(r) for r in register) < lines.index(next(
-        ln for ln in lines if ln.startswith("flower-supernode ")))
+        ln for ln in lines if ln.startswith("python -m federation.deploy.supernode ")))
     run = [shlex.split(ln) for ln in lines if ln.startswith("flwr run ")]
     assert len(run) == 1 and run[0][2:4] == [".", "prod"]
     assert deploy_cli.parse_run_config([run[0][run[0].index("--run-config") + 1]]) == \

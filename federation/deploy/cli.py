@@ -1,9 +1,10 @@
-"""`minusfed deploy ...`: TLS certificates, SuperNode keys and a local TLS + auth deployment.
+"""`minusfed deploy ...`: TLS certificates, SuperNode keys, app digests and a local deployment.
 
     minusfed deploy certs OUT [--hosts H ...] [--days D] [--overwrite]
     minusfed deploy node-keys OUT --n N [--prefix P] [--overwrite]
     minusfed deploy local --nodes N --out DIR [--run-config "k=v ..."] [--insecure]
                           [--timeout S] [--in-memory-state]
+    minusfed deploy app-digest [APP_DIR | FILE.fab]     (the digest sites pin, on stdout)
 
 Wire it with `add_parser(subparsers)`; each subcommand sets `func(args) -> exit code`.
 """
@@ -100,6 +101,19 @@ def _cmd_local(args: argparse.Namespace) -> int:
     return 0 if result.completed else 1
 
 
+def _cmd_app_digest(args: argparse.Namespace) -> int:
+    from .app_digest import AppDigestError, app_digest
+    try:
+        digest = app_digest(Path(args.app))
+    except AppDigestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(digest)
+    print(f"# {args.app}: pin it at each site with `python -m federation.deploy.supernode "
+          f"--pinned-app {digest} ...`", file=sys.stderr)
+    return 0
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `deploy` (with certs / node-keys / local) on an argparse subparsers object."""
     deploy = subparsers.add_parser(
@@ -135,4 +149,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="SuperLink state in memory instead of DIR/state.db (avoids SQLite "
                         "'database is locked' errors on an overloaded machine)")
     p.set_defaults(func=_cmd_local)
+
+    p = sub.add_parser("app-digest", help="the content digest a site pins (only that app runs)",
+                       description="Build the app's FAB in memory the way `flwr run` does (or "
+                                   "read a .fab file) and print its content digest.")
+    p.add_argument("app", nargs="?", default=".", metavar="APP_DIR|FILE.fab")
+    p.set_defaults(func=_cmd_app_digest)
     return deploy

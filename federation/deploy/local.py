@@ -9,11 +9,14 @@ authentication key pair per SuperNode under `OUT/keys`, starts
         --disable-runtime-dependency-installation
 
 (as `python -m federation.deploy.superlink ...`: the same command with Flower's 5 s SQLite busy
-timeout raised, so a CPU-starved loopback rehearsal does not fail on "database is locked"),
+timeout raised, so a CPU-starved loopback rehearsal does not fail on "database is locked", and
+the Control/Runtime APIs answering loopback only),
 writes a private `FLWR_HOME` (`OUT/flwr-home/config.toml`) whose connection trusts `ca.crt`,
 registers every SuperNode's public key with `flwr supernode register` *before* starting the
-SuperNodes (each `flower-supernode --root-certificates ca.crt --auth-supernode-private-key KEY
---superlink 127.0.0.1:P --port FREE --node-config 'partition-id=i num-partitions=N'`), submits the app
+SuperNodes (each `python -m federation.deploy.supernode --pinned-app DIGEST --root-certificates
+ca.crt --auth-supernode-private-key KEY --superlink 127.0.0.1:P --port FREE --node-config
+'partition-id=i num-partitions=N'`: `flower-supernode` that runs only the app whose digest was
+computed from `app_dir` before anything started, docs/deploy-security.md), submits the app
 with `flwr run`, follows `flwr log --stream` and reads the final status with `flwr ls` (`flwr run
 --stream` exits 0 even when the ServerApp fails).  Every process is started in its own process
 group and stopped by PID in a `finally` block (SuperNodes spawn flower-superexec and
@@ -43,8 +46,10 @@ from pathlib import Path
 from simulation.launch import (ROOT, _bin, config_arg, flwr_env, free_port, run_status, stop,
                                submit_run)
 
+from .app_digest import AppDigestError, app_digest
 from .keys import make_ca_and_server_cert, make_node_keys
-from .superlink import ENV_BUSY_TIMEOUT
+from .superlink import CONTROL_FROM_FLAG, ENV_BUSY_TIMEOUT
+from .supernode import PIN_FLAG, REFUSAL_LOG
 
 CONNECTION = "minusfed-local"
 NODE_KEY_PREFIX = "supernode"
@@ -62,6 +67,7 @@ class DeployResult:
     details: str = ""                # `flwr ls` status-details, or why the deployment aborted
     out_dir: Path | None = None
     pids: list[int] = field(default_factory=list, repr=False)  # process-group leaders started
+    app_digest: str = ""             # the app the SuperNodes were pinned to
 
     @property
     def completed(self) -> bool:
@@ -118,10 +124,12 @@ def site_thread_env(env: Mapping[str, str], nodes: int) -> dict[str, str]:
 
 
 def superlink_command(keys: Path | None, port: int, database: Path | None,
-                      host: str = "127.0.0.1", auth: bool = True) -> list[str]:
+                      host: str = "127.0.0.1", auth: bool = True,
+                      control_from: Sequence[str] = ()) -> list[str]:
     """`flower-superlink` argv (through `federation.deploy.superlink`, which raises Flower's 5 s
-    SQLite busy timeout): TLS (+ node auth) with `keys`, `--insecure` when keys is None;
-    database None: Flower's in-memory state (no `--database`)."""
+    SQLite busy timeout and serves Control/Runtime only to `control_from`, default loopback):
+    TLS (+ node auth) with `keys`, `--insecure` when keys is None; database None: Flower's
+    in-memory state (no `--database`)."""
     cmd = [sys.executable, "-m", "federation.deploy.superlink"]
     if keys is None:
         cmd.append("--insecure")
@@ -133,14 +141,22 @@ def superlink_command(keys: Path | None, port: int, database: Path | None,
     cmd += ["--host", host, "--port", str(port)]
     if database is not None:
         cmd += ["--database", str(database)]
+    for network in control_from:
+        cmd += [CONTROL_FROM_FLAG, network]
     return cmd + ["--disable-runtime-dependency-installation"]
 
 
 def supernode_command(superlink: str, port: int, node_config: Mapping[str, object], *,
                       ca_cert: Path | None = None, private_key: Path | None = None,
-                      insecure: bool = False) -> list[str]:
-    """`flower-supernode` argv; `ca_cert`/`private_key` omitted when None (tests use that)."""
+                      insecure: bool = False, pinned_apps: Sequence[str] = ()) -> list[str]:
+    """`flower-supernode` argv; `ca_cert`/`private_key` omitted when None (tests use that).
+    With `pinned_apps` (app digests) it is `python -m federation.deploy.supernode`, which
+    refuses to run any other app; without, plain `flower-supernode` runs whatever it is sent."""
     cmd = [_bin("flower-supernode")]
+    if pinned_apps:
+        cmd = [sys.executable, "-m", "federation.deploy.supernode"]
+        for digest in pinned_apps:
+            cmd += [PIN_FLAG, digest]
     if insecure:
         cmd.append("--insecure")
     if ca_cert is not None:
@@ -187,6 +203,28 @@ def _prepare_keys(keys: Path, nodes: int) -> None:
         make_node_keys(keys, nodes, NODE_KEY_PREFIX, overwrite=True)
 
 
+def _pinned_digest(app_dir: Path) -> str:
+    """The digest of the app `flwr run` is about to build from `app_dir` (DeployError if none)."""
+    try:
+        return app_digest(app_dir)
+    except AppDigestError as e:
+        raise DeployError(f"cannot pin the app: {e}") from None
+
+
+def _refusals(app_dir: Path, digest: str, logs: Sequence[Path]) -> str:
+    """Why a pinned SuperNode refused the run, for a failed run's details ('' if none did)."""
+    refused = [str(p) for p in logs if REFUSAL_LOG in _tail(p, 100_000)]
+    if not refused:
+        return ""
+    try:
+        now = app_digest(app_dir)
+    except AppDigestError:
+        now = "unknown"
+    changed = (f"; {app_dir} changed after it was pinned ({digest} -> {now})"
+               if now != digest else "")
+    return f"SuperNodes refused the run's app as unpinned (see {', '.join(refused)}){changed}"
+
+
 def _alive_check(supernodes: Sequence[subprocess.Popen], logs: Sequence[Path]) -> str:
     for i, (p, log_path) in enumerate(zip(supernodes, logs)):
         if p.poll() is not None:
@@ -210,6 +248,8 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
     without `--database` (Flower's in-memory SQLite: no state.db; its one shared connection never
     sees "database is locked").  The file database runs with a 120 s busy timeout instead of
     Flower's 5 s (federation/deploy/superlink.py).
+    Every SuperNode runs only the app built from `app_dir` (its content digest, computed before
+    any process starts, is pinned); `result.app_digest` is that digest.
     Always stops every process it started."""
     if nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -233,6 +273,7 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
         keys = out / "keys"
         _prepare_keys(keys, nodes)
     ca_cert = keys / "ca.crt" if keys else None
+    digest = _pinned_digest(Path(app_dir))
 
     env = flwr_env(home)
     port = free_port()
@@ -265,7 +306,8 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
                         **(dict(node_configs[i]) if node_configs else {})}
             cmd = supernode_command(
                 address, free_port(), node_cfg, ca_cert=ca_cert, insecure=insecure,
-                private_key=None if insecure else keys / f"{NODE_KEY_PREFIX}-{i}")
+                private_key=None if insecure else keys / f"{NODE_KEY_PREFIX}-{i}",
+                pinned_apps=[digest])
             p = _popen(cmd, node_env, sn_logs[i], app_dir)
             started.append(p)
             supernodes.append(p)
@@ -309,11 +351,13 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
                         f"waited longer than the SQLite busy timeout, ${ENV_BUSY_TIMEOUT}); "
                         "raise it, retry, or use in_memory_state")
         if run.get("status") != COMPLETED:          # the ServerApp's traceback lands here
+            refusals = _refusals(Path(app_dir), digest, sn_logs)
+            details += f"\n{refusals}" if refusals else ""
             details += f"\nlast lines of {sl_log}:\n{_tail(sl_log, 40)}"
         return DeployResult(status=str(run.get("status")), run_id=run_id,
                             seconds=time.perf_counter() - t0, log="".join(lines),
                             details=f"{abort}\n{details}".strip() if abort else details,
-                            out_dir=out, pids=[p.pid for p in started])
+                            out_dir=out, pids=[p.pid for p in started], app_digest=digest)
     finally:
         for p in reversed(started):               # follower, SuperNodes, then the SuperLink
             stop(p)
@@ -324,42 +368,56 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
 def commands_for_sites(nodes: int = 3, *, host: str = "superlink.example.org", port: int = 8000,
                        keys_dir: str = "certs", connection: str = "minusfed",
                        run_config: Mapping[str, object] | None = None, app: str = ".",
-                       data_path: str = "/path/to/site/faces") -> str:
-    """The commands a user runs for the same deployment on separate hosts (TLS + node auth)."""
+                       data_path: str = "/path/to/site/faces", app_digest: str | None = None) -> str:
+    """The commands a user runs for the same deployment on separate hosts (TLS + node auth,
+    Control API on the SuperLink host only, every SuperNode pinned to the app's digest)."""
     k = keys_dir.rstrip("/")
     q = shlex.quote
     run_cfg = f" --run-config {q(config_arg(run_config))}" if run_config else ""
     site_cfg = q(f"data-path={json.dumps(data_path)}")
+    pin = q(app_digest) if app_digest else '"$APP_DIGEST"'
     out = [
-        "# 0. Operator, once: keys (the certificate's SANs must name the SuperLink host)",
-        f"minusfed deploy certs {q(k)} --hosts {q(host)}",
+        "# 0. Operator, once: keys (SANs: the name the sites use AND 127.0.0.1 for the operator's "
+        "flwr),",
+        f"minusfed deploy certs {q(k)} --hosts {q(host)} localhost 127.0.0.1",
         f"minusfed deploy node-keys {q(k)} --n {nodes}",
+        "#    and the digest of the release every site will run (sites recompute and compare it):",
+        f"minusfed deploy app-digest {q(app)}",
         "",
-        f"# 1. SuperLink host ({host}; open TCP {port}; LFW eval data as the run's data-path):",
+        f"# 1. SuperLink host ({host}; open TCP {port} to the sites: they get only the Fleet API",
+        f"#    and /health; Control and Runtime answer only {CONTROL_FROM_FLAG} networks, "
+        "default this host):",
         shlex.join([
-            "flower-superlink", "--ssl-ca-certfile", f"{k}/ca.crt", "--ssl-certfile",
-            f"{k}/server.pem", "--ssl-keyfile", f"{k}/server.key", "--enable-supernode-auth",
-            "--host", "0.0.0.0", "--port", str(port), "--database", "state.db",
-            "--disable-runtime-dependency-installation"]),
-        f"#    (or `python -m federation.deploy.superlink` with the same flags where minusfed is "
-        f"installed:\n#    Flower's 5 s SQLite busy timeout raised to "
-        f"${ENV_BUSY_TIMEOUT}, default 120 s)",
+            "python", "-m", "federation.deploy.superlink", "--ssl-ca-certfile", f"{k}/ca.crt",
+            "--ssl-certfile", f"{k}/server.pem", "--ssl-keyfile", f"{k}/server.key",
+            "--enable-supernode-auth", "--host", "0.0.0.0", "--port", str(port),
+            "--database", "state.db", "--disable-runtime-dependency-installation",
+            CONTROL_FROM_FLAG, "127.0.0.1"]),
+        f"#    (flower-superlink with Flower's 5 s SQLite busy timeout raised to "
+        f"${ENV_BUSY_TIMEOUT}, default 120 s,",
+        "#    and a 403 for Control/Runtime requests from elsewhere: docs/deploy-security.md)",
         "",
-        f"# 2. Operator machine: add to $FLWR_HOME/config.toml (absolute path to ca.crt)",
+        f"# 2. Operator, ON THE SUPERLINK HOST (or through `ssh -N -L {port}:127.0.0.1:{port} "
+        f"{host}`):",
+        f"#    add to $FLWR_HOME/config.toml (absolute path to ca.crt)",
         f"#    [superlink.{connection}]",
-        f'#    address = "{host}:{port}"',
+        f'#    address = "127.0.0.1:{port}"',
         f'#    root-certificates = "/abs/path/{k}/ca.crt"',
         "#    then register every site's PUBLIC key before its SuperNode starts:",
     ]
     out += [f"flwr supernode register {q(f'{k}/{NODE_KEY_PREFIX}-{i}.pub')} {q(connection)}"
             for i in range(nodes)]
-    out += ["", "# 3. Site hosts: each gets ca.crt and ONLY its own private key (never ca.key):"]
+    out += ["", "# 3. Site hosts: each gets ca.crt and ONLY its own private key (never ca.key),",
+            "#    installs the same minusfed release and pins it: only that app ever runs there",
+            "#    (or --pinned-apps FILE: one digest per line). Check it equals the operator's:"]
+    if not app_digest:
+        out.append("APP_DIGEST=$(minusfed deploy app-digest /path/to/the/minusfed/release)")
     for i in range(nodes):
         out.append(f"#    site {i}:")
-        out.append(f"flower-supernode --root-certificates ca.crt --auth-supernode-private-key "
-                   f"{NODE_KEY_PREFIX}-{i} --superlink {host}:{port} --port 9094 "
-                   f"--node-config {site_cfg}")
-    out += ["", "# 4. Operator machine: submit and follow the run",
+        out.append(f"python -m federation.deploy.supernode {PIN_FLAG} {pin} --root-certificates "
+                   f"ca.crt --auth-supernode-private-key {NODE_KEY_PREFIX}-{i} --superlink "
+                   f"{host}:{port} --port 9094 --node-config {site_cfg}")
+    out += ["", "# 4. Operator, on the SuperLink host: submit and follow the run",
             f"flwr run {q(app)} {q(connection)}{run_cfg} --stream",
             f"flwr ls {q(connection)}   # finished:completed = success (flwr run exits 0 on failure)"]
     return "\n".join(out) + "\n"
