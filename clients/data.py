@@ -5,8 +5,13 @@ and converted to float tensors in [-1, 1] ((v / 255 - 0.5) / 0.5) only when an i
 a whole site fits in memory (LFW: 13,233 images = 0.5 GB) and epochs do no JPEG work.
 
 Input conversions (documented, not silent surprises):
-* grayscale (L, LA, I, I;16, F), RGBA, palette (P) and CMYK images are converted with Pillow's
-  ``convert("RGB")``; alpha is dropped, not composited.
+* grayscale (L, LA, 1), RGBA, palette (P, PA), CMYK and YCbCr images are converted with
+  Pillow's ``convert("RGB")``; alpha is dropped, not composited.
+* 16-bit images keep their look: 16-bit grey (Pillow modes I;16*, and I as Pillow gives for a
+  16-bit PGM) is scaled to 8 bits by its high byte (v >> 8), which is what Pillow itself does
+  for 16-bit RGB(A) PNGs; ``convert("RGB")`` would clip every value above 255 to white.  Mode I
+  values outside 0..65535 (or all <= 255: 8-bit data in a 32-bit image, ambiguous) and 32-bit
+  float images (F, no defined range) raise `ImageError`.
 * a size other than 112x112 is an error (the model needs an aligned crop), unless
   ``resize=True``, which resizes with Pillow BICUBIC to 112x112 ignoring the aspect ratio.
 * non-image files and truncated or corrupt files raise `ImageError`: the whole image is decoded
@@ -59,6 +64,32 @@ def _warn_if_truncated_allowed() -> None:
                     "images will decode with missing pixels instead of raising ImageError")
 
 
+def _grey16_to_rgb(im: Image.Image, path: str) -> Image.Image:
+    """16-bit grey (I;16*, or I holding 0..65535) -> RGB by the high byte, like Pillow's 16-bit RGB."""
+    arr = np.asarray(im)
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if lo < 0 or hi > 65535 or (im.mode == "I" and hi <= 255):
+        # 32-bit I holding only 0..255 is as likely 8-bit data as a near-black 16-bit face.
+        raise ImageError(f"{path}: {im.mode} image with values {lo}..{hi}, expected 16-bit "
+                         f"values 0..65535 (save the face as 8- or 16-bit grey or RGB)")
+    return Image.fromarray((arr.astype(np.uint32) >> 8).astype(np.uint8)).convert("RGB")
+
+
+def _to_rgb(im: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB from any Pillow mode; see the module doc for the conversions."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        return _grey16_to_rgb(im, path)
+    if im.mode == "F":
+        raise ImageError(f"{path}: 32-bit float image (mode F) has no defined value range, "
+                         f"expected 8- or 16-bit grey or RGB (save the face as PNG or JPEG)")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"{path}: image mode {im.mode} cannot be converted to RGB ({e})") from e
+
+
 def decode_image(path: PathLike, resize: bool = False) -> np.ndarray:
     """Decode one face to uint8 (112, 112, 3) RGB; raise `ImageError` naming the file if unusable.
 
@@ -69,8 +100,7 @@ def decode_image(path: PathLike, resize: bool = False) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()                                  # full decode: catches truncation here
-            if im.mode != "RGB":
-                im = im.convert("RGB")
+            im = _to_rgb(im, path)
             if im.size != (SIZE, SIZE):
                 if not resize:
                     raise ImageError(
@@ -84,7 +114,10 @@ def decode_image(path: PathLike, resize: bool = False) -> np.ndarray:
     except ImageError:
         raise
     except UnidentifiedImageError as e:
-        raise ImageError(f"{path}: not a readable image file ({e})") from e
+        raise ImageError(f"{path}: not a readable image file (Pillow cannot identify its "
+                         f"format)") from e
+    except (PermissionError, IsADirectoryError) as e:
+        raise ImageError(f"{path}: cannot be read ({e.strerror})") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
     if arr.shape != (SIZE, SIZE, 3):                   # defensive: exotic modes
@@ -275,19 +308,28 @@ class FaceDataset(Dataset):
         """Write images, labels, names and relative paths to an uncompressed .npz (atomic rename).
 
         Uncompressed so `from_cache` can memory-map the image array instead of reading 0.5 GB.
+        These are raw faces: a missing folder is made 0700 and the file is written 0600 from
+        its first byte (mkstemp), so no other user can read it even while it is being written.
         """
+        import tempfile
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
         meta = {"version": CACHE_VERSION, "root": self.root, "resize": bool(self.resize)}
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, images=np.ascontiguousarray(self.images), labels=self.labels,
-                     identities=np.array(self.identities, dtype=str),
-                     paths=np.array(self.paths, dtype=str),
-                     source_paths=np.array(self.source_paths, dtype=str),
-                     source_identities=np.array(self.source_identities, dtype=str),
-                     meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, images=np.ascontiguousarray(self.images), labels=self.labels,
+                         identities=np.array(self.identities, dtype=str),
+                         paths=np.array(self.paths, dtype=str),
+                         source_paths=np.array(self.source_paths, dtype=str),
+                         source_identities=np.array(self.source_identities, dtype=str),
+                         meta=np.array(json.dumps(meta)))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def from_cache(cls, path: PathLike, *, train: bool = False, repeat: int = 1) -> "FaceDataset":

@@ -9,46 +9,91 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .frontend import MinusFaceFrontend
 
 BANNER = "!" * 78
 
 
-def _cmd_protect(args: argparse.Namespace) -> int:
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size or width of 0 or -1 is a mistake)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _frontend(args: argparse.Namespace) -> tuple[MinusFaceFrontend | None, str | None]:
+    """(frontend, None) or (None, error message) for --weights / --width."""
     import torch
 
     from .frontend import MinusFaceFrontend
-    from .protect_dir import protect_directory
     from .weights import WeightsError, load_generator
 
     if args.weights:
         try:
             generator = load_generator(args.weights)
         except WeightsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        frontend = MinusFaceFrontend(generator=generator)
+            return None, str(e)
         print(f"generator: {args.weights} (w = {generator.width})")
-    else:
-        torch.manual_seed(args.seed)
-        frontend = MinusFaceFrontend(width=args.width)
-        print(f"{BANNER}\nWARNING: no --weights given: using a FRESHLY INITIALISED generator "
-              f"(w = {args.width}).\nIts X_p are shuffled DCT images of an untrained subtraction: "
-              f"they are NOT the\nprotection a trained MinusFace gives. Train one (make demo / "
-              f"flwr run .) and pass --weights.\n{BANNER}", file=sys.stderr)
-    frontend.eval()
-    try:
-        report = protect_directory(Path(args.in_dir), Path(args.out_dir), frontend,
-                                   batch_size=args.batch_size, resize=args.resize,
-                                   progress=not args.quiet)
-    except FileNotFoundError as e:
+        return MinusFaceFrontend(generator=generator).eval(), None
+    torch.manual_seed(args.seed)
+    print(f"{BANNER}\nWARNING: no --weights given: using a FRESHLY INITIALISED generator "
+          f"(w = {args.width}).\nIts X_p are shuffled DCT images of an untrained subtraction: "
+          f"they are NOT the\nprotection a trained MinusFace gives. Train one (make demo / "
+          f"flwr run .) and pass --weights.\n{BANNER}", file=sys.stderr)
+    return MinusFaceFrontend(width=args.width).eval(), None
+
+
+def _cmd_protect(args: argparse.Namespace) -> int:
+    from .protect_dir import ProtectError, describe_ignored, plan_protection, run_plan
+
+    try:                                   # every path check before a model is built
+        plan = plan_protection(Path(args.in_dir), Path(args.out_dir), overwrite=args.overwrite)
+    except (ProtectError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if plan.ignored:
+        print(describe_ignored(plan.ignored, plan.in_dir), file=sys.stderr)
+    frontend, problem = _frontend(args)
+    if frontend is None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        report = run_plan(plan, frontend, batch_size=args.batch_size, resize=args.resize,
+                          progress=not args.quiet)
+    except ProtectError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for path, reason in report.skipped:
         print(f"skipped: {reason}" if str(path) in reason else f"skipped: {path}: {reason}",
               file=sys.stderr)
-    print(f"protected {len(report.written)} image(s) -> {Path(args.out_dir).resolve()}"
+    print(f"protected {len(report.written)} image(s) -> {plan.out_dir}"
           f"{f'; skipped {len(report.skipped)}' if report.skipped else ''}")
     return 1 if report.skipped and not report.written else 0
+
+
+PROTECT_HELP = """\
+Protect every face image under IN_DIR (any depth) and write X_p as PNG under OUT_DIR.
+
+Output names: the input's path relative to IN_DIR with the suffix replaced by .png
+(bob/face.jpg -> OUT_DIR/bob/face.png).  Inputs that would share an output name (face.jpg and
+face.png in one folder; compared case-insensitively) refuse the run and are listed.
+
+Nothing you have is overwritten: OUT_DIR must not be IN_DIR, inside it, or contain it (after
+resolving links); existing files at output paths refuse the run unless --overwrite; symbolic
+links at output paths or inside OUT_DIR are never written through.  Each PNG is written to a
+temp file and moved into place, so an interrupted run leaves only whole PNGs.
+
+Inputs are files ending in .jpg .jpeg .png .bmp .ppm .pgm .tif .tiff .webp; other files,
+hidden entries, symlinked folders (not followed) and broken links are listed as ignored.
+Unreadable, corrupt or wrongly sized images are skipped and named once each.  Exit status: 0
+done, 1 nothing protected or a write/X_p check failed, 2 bad arguments or paths."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,15 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("protect", help="protect every face image under IN_DIR (X_p as PNG)")
-    p.add_argument("in_dir", metavar="IN_DIR")
-    p.add_argument("out_dir", metavar="OUT_DIR")
+    p = sub.add_parser("protect", help="protect every face image under IN_DIR (X_p as PNG)",
+                       description=PROTECT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("in_dir", metavar="IN_DIR", help="folder of face images (read only)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="folder for the X_p PNGs (created; must not overlap IN_DIR)")
     p.add_argument("--weights", metavar="CKPT", help="trained generator (.pt written by minusfed)")
-    p.add_argument("--width", type=int, default=64, help="generator width w without --weights")
+    p.add_argument("--width", type=_positive_int, default=64,
+                   help="generator width w >= 1 without --weights (default 64)")
     p.add_argument("--seed", type=int, default=0, help="init seed without --weights")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="images per batch, >= 1 (default 32)")
     p.add_argument("--resize", action="store_true",
                    help="resize faces that are not 112x112 (bicubic) instead of skipping them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files already at output paths (never symbolic links)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_protect)
 

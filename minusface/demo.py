@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             if not target.exists():
                 target.symlink_to(img)
     frontend = MinusFaceFrontend(generator=load_generator(run_dir / "final" / "generator.pt"))
-    report = protect_directory(sample, out / "protected", frontend, progress=False)
+    report = protect_directory(sample, out / "protected", frontend, progress=False,
+                               overwrite=True)  # the demo's own folder: a rerun replaces it
     print(f"protected {len(report.written)} LFW faces with the federated g -> {out / 'protected'}")
     return 0
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from clients.data import (FaceDataset, ImageError, identities_in_pairs, load_faces, load_image,
+from clients.data import (FaceDataset, ImageError, decode_image, identities_in_pairs, load_faces,
+                          load_image,
                           pair_index, read_pairs, scan_identity_folders, view1_split,
                           view2_fold_split)
 
@@ -70,6 +71,95 @@ def test_other_modes_are_converted_to_rgb(tmp_path: Path, mode: str) -> None:
     assert x.shape == (3, 112, 112)
     if mode == "L":                                     # grey -> three equal channels
         assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+
+
+def _png16(path: Path, arr: np.ndarray) -> Path:
+    """A real 16-bit PNG (grey, grey+alpha, RGB or RGBA) written byte by byte: Pillow cannot
+    write 16-bit colour, and these are what scanners and HDR tools hand a site."""
+    import struct
+    import zlib
+    arr = arr if arr.ndim == 3 else arr[:, :, None]
+    h, w, c = arr.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+def _face16(channels: int, seed: int = 0) -> np.ndarray:
+    """A bright 16-bit image: almost every value above 255, so clipping would turn it white."""
+    rng = np.random.default_rng(seed)
+    shape = (112, 112) if channels == 1 else (112, 112, channels)
+    arr = rng.integers(256, 65536, shape, dtype=np.uint16)
+    ramp = np.linspace(300, 65535, 40, dtype=np.uint16)            # a visible gradient
+    arr[:, :40] = ramp[:, None] if channels > 1 else ramp
+    return arr
+
+
+def _assert_high_byte(decoded: np.ndarray, grey_or_rgb: np.ndarray) -> None:
+    expected = (grey_or_rgb >> 8).astype(np.int32)
+    expected = np.repeat(expected[:, :, None], 3, axis=2) if expected.ndim == 2 else expected
+    assert decoded.dtype == np.uint8 and decoded.shape == (112, 112, 3)
+    assert np.abs(decoded.astype(np.int32) - expected).max() <= 1
+    assert (decoded == 255).mean() < 0.05                   # not the white square of clipping
+
+
+def test_16bit_grey_png_and_tiff_decode_to_the_high_byte(tmp_path: Path) -> None:
+    grey = _face16(1)
+    for name in ("grey16.png", "grey16.tif"):                # Pillow mode I;16
+        Image.fromarray(grey).save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode == "I;16"
+        _assert_high_byte(decode_image(tmp_path / name), grey)
+    pgm = tmp_path / "grey16.pgm"                            # Pillow mode I, 0..65535
+    pgm.write_bytes(b"P5 112 112 65535\n" + grey.astype(">u2").tobytes())
+    assert Image.open(pgm).mode == "I"
+    _assert_high_byte(decode_image(pgm), grey)
+    x = load_image(tmp_path / "grey16.png")                  # the training path: same pixels
+    assert torch.equal(x, load_image(pgm))
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_16bit_colour_and_alpha_pngs_decode_to_the_high_byte(tmp_path: Path, channels: int) -> None:
+    arr = _face16(channels, seed=channels)
+    p = _png16(tmp_path / f"face16_{channels}.png", arr)
+    rgb = arr[..., 0] if channels == 2 else arr[..., :3]     # alpha is dropped
+    _assert_high_byte(decode_image(p), rgb)
+
+
+def test_images_without_a_defined_8bit_scale_are_refused(tmp_path: Path) -> None:
+    grey = _face16(1).astype(np.float32)
+    Image.fromarray(grey).save(tmp_path / "float.tif")
+    with pytest.raises(ImageError, match=r"float.tif.*mode F"):
+        decode_image(tmp_path / "float.tif")
+    Image.fromarray(grey.astype(np.int32) * 4).save(tmp_path / "wide.tif")     # up to 262140
+    with pytest.raises(ImageError, match=r"wide.tif.*values .*0\.\.65535"):
+        decode_image(tmp_path / "wide.tif")
+    Image.fromarray(np.full((112, 112), 200, np.int32)).save(tmp_path / "eight.tif")
+    with pytest.raises(ImageError, match=r"eight.tif.*200\.\.200"):
+        decode_image(tmp_path / "eight.tif")
+
+
+@pytest.mark.parametrize("mode", ["1", "LA", "P", "RGBA", "YCbCr"])
+def test_8bit_modes_keep_their_colours(tmp_path: Path, mode: str) -> None:
+    """Flat colour in, the same colour out: alpha and palette transparency do not blacken it."""
+    colour = (255, 255, 255) if mode == "1" else (200, 120, 40)
+    img = Image.new("RGB", (112, 112), colour)
+    img = img.convert(mode, **({"palette": Image.Palette.ADAPTIVE} if mode == "P" else {}))
+    if mode == "RGBA":
+        img.putalpha(0)                                      # fully transparent: still the face
+    path = tmp_path / ("face.jpg" if mode == "YCbCr" else "face.png")
+    img.save(path, **({"transparency": int(img.getpixel((0, 0)))} if mode == "P" else {}))
+    out = decode_image(path)
+    expected = np.asarray(img.convert("RGB")).astype(int)
+    assert np.abs(out.astype(int) - expected).max() <= (3 if mode == "YCbCr" else 0)
+    if mode in ("RGBA", "P", "1"):
+        assert np.abs(out[0, 0].astype(int) - np.array(colour)).max() <= 3
 
 
 def test_wrong_size_errors_unless_resize(tmp_path: Path) -> None:

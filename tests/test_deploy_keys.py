@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import ssl
 import stat
@@ -13,9 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation.deploy.keys import make_ca_and_server_cert, make_node_keys
+from federation.deploy.keys import SERVER_CN, make_ca_and_server_cert, make_node_keys
 
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
@@ -137,3 +138,52 @@ def test_tls_handshake(tls, other_ca):
         _handshake(tls, other_ca, "localhost")
     with pytest.raises(ssl.SSLCertVerificationError):
         _handshake(tls, tls["ca_cert"], "superlink.example.org")
+
+
+# --------------------------------------------------------------------------- host validation
+
+@pytest.mark.parametrize("host, why", [
+    ("host:8000", "without port"),
+    ("http://superlink.example.org", "without a scheme"),
+    ("bad host", "whitespace"),
+    ("999.1.1.1", "not a valid IP address"),
+    ("1.2.3", "not a valid IP address"),
+    ("[::1]", "brackets"),
+    ("a" * 64 + ".example.org", "64 characters, at most 63"),
+    ("-lead.example.org", "not allowed"),
+    ("under_score.example.org", "not allowed"),
+    ("*.org", "not allowed"),
+    ("exämple.org", "xn--"),
+    ("example.org.", "trailing dot"),
+    ("", "empty"),
+])
+def test_bad_hosts_are_refused_before_anything_is_written(tmp_path, host, why):
+    out = tmp_path / "certs"
+    with pytest.raises(ValueError, match=rf"--hosts {re.escape(repr(host))}: .*{re.escape(why)}"):
+        make_ca_and_server_cert(out, ["localhost", host])
+    assert not out.exists()
+
+
+def test_cli_names_the_bad_host_and_exits_2(tmp_path, capsys):
+    from minusface.cli import main
+    rc = main(["deploy", "certs", str(tmp_path / "c"), "--hosts", "localhost", "host:8000"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --hosts 'host:8000'" in err and "DNS name" in err
+    assert "Traceback" not in err and not (tmp_path / "c").exists()
+
+
+def test_long_first_host_wildcard_and_ipv6_are_accepted(tmp_path):
+    long_host = "a" * 61 + ".example.org"                # 73 characters, labels <= 63
+    assert len(long_host) == 73
+    tls = make_ca_and_server_cert(tmp_path, [long_host, "*.sites.example.org", "::1"])
+    srv = _cert(tls["server_cert"])
+    cn = srv.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == SERVER_CN                               # X.509 caps a CN at 64 characters
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [long_host, "*.sites.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("::1")]
+    _handshake(tls, tls["ca_cert"], long_host)           # TLS checks the SAN, not the CN
+    _handshake(tls, tls["ca_cert"], "node1.sites.example.org")
+    short = make_ca_and_server_cert(tmp_path / "short", ["superlink.example.org"])
+    short_cn = _cert(short["server_cert"]).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert short_cn[0].value == "superlink.example.org"

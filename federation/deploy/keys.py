@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -74,15 +75,61 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE | re.ASCII)
+_EXPECTED = "expected a DNS name (e.g. superlink.example.org) or an IP address (e.g. 10.0.0.5, ::1)"
+SERVER_CN = "minusfed SuperLink"  # used when the first host does not fit X.509's 64-char CN
+_CN_MAX = 64
+
+
+def _dns_problem(host: str) -> str | None:
+    """Why `host` is not an RFC 1123 DNS name (a '*' first label is allowed), or None."""
+    if "://" in host:
+        return "give the host without a scheme such as https://"
+    if any(c.isspace() for c in host):
+        return "contains whitespace"
+    if ":" in host or "/" in host or host.startswith("["):
+        return "not a DNS name or IP address (give the host without port, scheme or brackets)"
+    if host.endswith("."):
+        return "give the name without a trailing dot"
+    if len(host) > 253:
+        return f"is {len(host)} characters, a DNS name has at most 253"
+    labels = host.split(".")
+    if labels[-1].isdigit():
+        return "not a valid IP address (and a DNS name cannot end in a numeric label)"
+    if labels[0] == "*" and len(labels) >= 3:
+        labels = labels[1:]                        # wildcard: *.example.org, not *.org
+    for label in labels:
+        if len(label) > 63:
+            return f"label {label[:20]}... is {len(label)} characters, at most 63"
+        if not _LABEL.fullmatch(label):
+            return (f"label {label!r} is not allowed: labels are 1-63 ASCII letters, digits and "
+                    f"inner hyphens (give internationalised names in their xn-- form)")
+    return None
+
+
+def _general_name(host: object) -> x509.GeneralName:
+    """IPAddress for an IPv4/IPv6 literal, DNSName for a valid host name; ValueError naming
+    the host otherwise (a bad SAN would only show up as a failed TLS handshake later)."""
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"--hosts {host!r}: empty or not a string; {_EXPECTED}")
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    problem = _dns_problem(host)
+    if problem:
+        raise ValueError(f"--hosts {host!r}: {problem}; {_EXPECTED}")
+    return x509.DNSName(host)
+
+
 def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
-    """DNSName for names, IPAddress for IPv4/IPv6 literals."""
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return x509.SubjectAlternativeName(names)
+    """DNSName for names, IPAddress for IPv4/IPv6 literals; every host validated first."""
+    return x509.SubjectAlternativeName([_general_name(h) for h in hosts])
+
+
+def _server_cn(first_host: str) -> str:
+    """TLS checks the SANs; the CN is informational and X.509 caps it at 64 characters."""
+    return first_host if len(first_host) <= _CN_MAX else SERVER_CN
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
@@ -99,12 +146,17 @@ def make_ca_and_server_cert(out_dir: str | os.PathLike,
     """Write a private CA (`ca.crt`, `ca.key`) and a SuperLink certificate it signs
     (`server.pem`, `server.key`) with a SAN for every host; EC P-384, SHA-384.
 
+    Each host must be an IP address or an RFC 1123 DNS name (no port, scheme or spaces;
+    ``*.example.org`` allowed); a bad one raises ValueError naming it before anything is
+    written.  The CN is the first host when it fits X.509's 64 characters, else `SERVER_CN`.
+
     Returns {'ca_cert', 'ca_key', 'server_cert', 'server_key'} -> path."""
-    hosts = list(hosts)
+    hosts = [hosts] if isinstance(hosts, str) else list(hosts)
     if not hosts:
         raise ValueError("hosts must name at least one DNS name or IP address")
     if days < 1:
         raise ValueError(f"days must be >= 1, got {days}")
+    san = _san(hosts)                              # refuse bad hosts before touching the disk
     out = _prepare_dir(out_dir)
     paths = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key",
              "server_cert": out / "server.pem", "server_key": out / "server.key"}
@@ -127,9 +179,9 @@ def make_ca_and_server_cert(out_dir: str | os.PathLike,
 
     srv_key = ec.generate_private_key(_CURVE())
     srv_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "minusfed"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+                          x509.NameAttribute(NameOID.COMMON_NAME, _server_cn(hosts[0]))])
     srv_cert = (_builder(srv_name, ca_name, srv_key.public_key(), days)
-                .add_extension(_san(hosts), critical=False)
+                .add_extension(san, critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.KeyUsage(
                     digital_signature=True, content_commitment=False, key_encipherment=False,
