@@ -1,19 +1,24 @@
 """Flower ClientApp of a site: thin translation between Flower records and `clients.local`.
 
 Every reply passes the outbound guard (only the shared weights received, numeric metrics and
-protect() outputs may leave).  The private margin head lives in `context.state` between rounds.
+protect() outputs may leave).  The private margin head lives in `context.state` between rounds
+and in an owner-only file in the site's `state-dir` (clients/site_state.py), so a restarted
+SuperNode goes on with it; it never appears in any message.  Raw faces are cached only in the
+site's own `cache-dir`.
 Message type "evaluate.privacy" (`privacy_evaluate`): the site attacks its own faces with the
 global g and replies with numbers only (clients/privacy_eval.py, federation/privacy_round.py).
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import time
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from clients.dp import dp_clipping_mod
 from clients.faults import inject_fault
@@ -21,8 +26,10 @@ from clients.guard import outbound_guard
 from clients.local import local_evaluate, local_train, stage_models
 from clients.site import (SiteData, federation_identities, load_site, resolve_data_path,
                           site_identities_from_folder)
+from clients.site_state import cache_dir, head_file, load_head, save_head, state_dir
 from federation.privacy_round import PRIVACY_ACTION, PRIVACY_RECORD
-from federation.protocol import ARRAYS, CONFIG, FROZEN_GENERATOR, like_received, run_config, unflatten
+from federation.protocol import (ARRAYS, CONFIG, FROZEN_GENERATOR, STAGE2, like_received,
+                                 run_config, unflatten)
 from minusface.presets import get_preset
 from simulation.partition import partition_for_client
 
@@ -30,17 +37,16 @@ app = ClientApp()
 
 
 def _site(context: Context) -> tuple[SiteData, str]:
-    """The site's data: its own folder (deployment) or its partition of LFW (simulation)."""
+    """The site's data: its own folder (deployment) or its partition of LFW (simulation), and the
+    tag that names the site in its cache and head files.  The cache folder is the site's choice
+    alone (clients.site_state), never the server's out-dir."""
     cfg = run_config(context.run_config)
     node = context.node_config
     preset = get_preset(str(cfg["preset"]))
-    out_dir = str(cfg["out-dir"])
-    cache_dir = Path(node.get("cache-dir", "") or (Path(out_dir) / "cache" if out_dir else
-                                                   Path(os.environ.get("TMPDIR", "/tmp")) / "minusfed-cache"))
     if "data-path" in node:                          # a real site: its own folder
         root = resolve_data_path(str(node["data-path"]))
         ids = site_identities_from_folder(root, preset)
-        tag = f"site-{node.get('partition-id', context.node_id)}"
+        tag = f"site-{hashlib.sha256(str(root).encode()).hexdigest()[:16]}"   # same after restart
     else:
         pid, n = int(node["partition-id"]), int(node["num-partitions"])
         root = resolve_data_path(str(cfg["data-path"]))
@@ -49,21 +55,52 @@ def _site(context: Context) -> tuple[SiteData, str]:
                                      scheme=str(cfg["partition-scheme"]), seed=int(cfg["partition-seed"]))
         ids = {k: all_ids[k] for k in names}
         tag = f"lfw-fold{cfg['eval-fold']}-part{pid}of{n}"
-    return load_site(ids, cache_dir, tag), tag
+    return load_site(ids, cache_dir(node), tag), tag
 
 
-def _models(msg: Message, context: Context, site: SiteData):
+def _stage_round(conf: ConfigRecord, cfg: dict, stage: str) -> int:
+    """Round within the stage (0 when the server did not say): stage 2 counts after stage 1."""
+    index = int(conf.get("minusfed-round", 0))
+    return index - int(cfg["stage1-rounds"]) if stage == STAGE2 and index else index
+
+
+def _stored_head(context: Context, stage: str, path: Path | None) -> tuple[dict | None, str]:
+    """The site's head for `stage` and where it came from: this SuperNode's memory, else its
+    head file (a restarted SuperNode), else none."""
+    name = f"head-{stage}"
+    if name in context.state:
+        return context.state[name].to_torch_state_dict(), "context.state"
+    head = load_head(path) if path is not None else None
+    return head, str(path)
+
+
+def _models(msg: Message, context: Context, site: SiteData, tag: str, training: bool = False):
     cfg = run_config(context.run_config)
     conf = msg.content[CONFIG]
     stage = str(conf["stage"])
     preset = get_preset(str(cfg["preset"]))
-    head_key = f"head-{stage}"
-    head = context.state[head_key].to_torch_state_dict() if head_key in context.state else None
+    folder = state_dir(context.node_config)
+    path = head_file(folder, context.run_id, tag, stage) if folder is not None else None
+    head, source = _stored_head(context, stage, path)
+    refused: list[str] = []
+
+    def fresh_head(problem: str) -> None:
+        refused.append(problem)
+        log(WARNING, "margin head from %s does not fit this site (%s); starting a fresh head",
+            source, problem)
+
     frozen = (msg.content[FROZEN_GENERATOR].to_torch_state_dict()
               if FROZEN_GENERATOR in msg.content else None)
     shared = msg.content[ARRAYS].to_torch_state_dict()
     seed = int(cfg["seed"]) * 7919 + int(context.node_config.get("partition-id", 0))
-    return stage, preset, stage_models(stage, preset, site.num_classes, shared, frozen, head, seed), seed
+    models = stage_models(stage, preset, site.num_classes, shared, frozen, head, seed,
+                          on_bad_head=fresh_head)
+    stage_round = _stage_round(conf, cfg, stage)
+    if training and (head is None or refused) and stage_round > 1:
+        log(WARNING, "site %s: no margin head for %s round %d (none in memory or at %s): the "
+            "head restarts from scratch mid-training", tag, stage, stage_round, path or
+            "state-dir off")
+    return stage, preset, models, seed, path
 
 
 # inject_fault: TEST HOOK (clients/faults.py), active only with a `fault` key in this SuperNode's
@@ -71,13 +108,15 @@ def _models(msg: Message, context: Context, site: SiteData):
 @app.train(mods=[inject_fault, outbound_guard, dp_clipping_mod])   # DP clipping last (no-op when DP is off)
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
-    site, _ = _site(context)
-    stage, preset, models, seed = _models(msg, context, site)
+    site, tag = _site(context)
+    stage, preset, models, seed, head_path = _models(msg, context, site, tag, training=True)
     conf = msg.content[CONFIG]
     shared, head, metrics = local_train(
         models, stage, site, preset, lr=float(conf["lr"]), epochs=int(conf["local-epochs"]),
         seed=seed + 100 * int(conf.get("minusfed-round", 0)))   # a new batch order every round
     context.state[f"head-{stage}"] = ArrayRecord(head)        # private: stays on the site
+    if head_path is not None:
+        save_head(head_path, head)                            # owner-only file: survives a restart
     metrics["client_seconds"] = time.perf_counter() - t0      # whole handler: data, build, train
     shared = like_received(shared, {k: str(a.dtype) for k, a in msg.content[ARRAYS].items()})
     return Message(RecordDict({ARRAYS: ArrayRecord(shared), "metrics": MetricRecord(metrics)}),
@@ -86,8 +125,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate(mods=[outbound_guard])
 def evaluate(msg: Message, context: Context) -> Message:
-    site, _ = _site(context)
-    _, _, models, _ = _models(msg, context, site)
+    site, tag = _site(context)
+    _, _, models, _, _ = _models(msg, context, site, tag)
     metrics = local_evaluate(models, site)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

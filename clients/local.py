@@ -3,12 +3,13 @@ private head, and return the shared weights and metrics.  The ClientApp only tra
 
 Stage 1 trains g and f (192-channel stem) on the residue; stage 2 trains f_p on X_p made with
 the frozen global g.  The margin head is private: it is created for the site's own identities,
-kept between rounds by the caller (Flower `context.state`), and never returned.
+kept between rounds by the caller (Flower `context.state`, and an owner-only file on the site so a
+SuperNode restart keeps it: `clients.site_state`), and never returned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -27,8 +28,12 @@ from .site import SiteData
 def stage_models(stage: str, preset: Preset, num_classes: int,
                  shared: Mapping[str, torch.Tensor],
                  frozen_generator: Mapping[str, torch.Tensor] | None,
-                 head_state: Mapping[str, torch.Tensor] | None, seed: int = 0) -> Models:
-    """Models for a stage with the global shared weights (and private head, if any) loaded."""
+                 head_state: Mapping[str, torch.Tensor] | None, seed: int = 0,
+                 on_bad_head: Callable[[str], None] | None = None) -> Models:
+    """Models for a stage with the global shared weights (and private head, if any) loaded.
+
+    A head that does not fit the site (its identities changed) raises ValueError, or, with
+    `on_bad_head`, is reported to it and replaced by a fresh head."""
     if stage not in SHARED_MODULES:
         raise ValueError(f"unknown stage {stage!r}; expected {STAGE1} or {STAGE2}")
     torch.manual_seed(seed)                           # head init when the site has none yet
@@ -43,11 +48,27 @@ def stage_models(stage: str, preset: Preset, num_classes: int,
     models = build_models(recipe, preset, num_classes, generator=generator)
     load_shared(shared_modules(models, stage), shared)
     if head_state is not None:
-        if tuple(head_state["weight"].shape) != tuple(models.head.weight.shape):
-            raise ValueError(f"stored head has shape {tuple(head_state['weight'].shape)}, site "
-                             f"has {num_classes} identities: the site's data changed")
-        models.head.load_state_dict(head_state)
+        problem = head_mismatch(models.head, head_state, num_classes)
+        if problem is None:
+            models.head.load_state_dict(head_state)
+        elif on_bad_head is None:
+            raise ValueError(problem)
+        else:
+            on_bad_head(problem)
     return models
+
+
+def head_mismatch(head: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                  num_classes: int) -> str | None:
+    """Why `state` cannot be loaded into `head` (keys, shapes), or None if it can."""
+    want = head.state_dict()
+    if set(state) != set(want):
+        return f"stored head has keys {sorted(state)}, expected {sorted(want)}"
+    for k, v in want.items():
+        if tuple(state[k].shape) != tuple(v.shape) or not state[k].is_floating_point():
+            return (f"stored head {k!r} is {tuple(state[k].shape)} {state[k].dtype}, site has "
+                    f"{num_classes} identities ({tuple(v.shape)}): the site's data changed")
+    return None
 
 
 def shared_modules(models: Models, stage: str) -> dict[str, torch.nn.Module]:

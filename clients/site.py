@@ -8,6 +8,10 @@ server's evaluation fold) are partitioned across `num-partitions` virtual sites 
 Held-out pairs for federated evaluation: the last image (by name) of every identity with at
 least 3 images is never trained on; it forms one same pair (with the identity's first image)
 and one different pair (with the next identity's first image).
+
+The decoded training faces (raw faces) are cached as an .npz in the folder the site chose
+(`clients.site_state.cache_dir`: owner-only, never the server's out-dir); without one, or when
+it fails, they are decoded again for every message.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import functools
 import hashlib
 import os
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
+from flwr.common.logger import log
 
 from clients.data import FaceDataset, load_faces, scan_identity_folders, view2_fold_split
+from clients.site_state import warn_once
 from minusface.presets import Preset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw_112_centercrop"
@@ -110,13 +117,38 @@ def _cache_file(cache_dir: Path, tag: str, paths: list[str]) -> Path:
     return cache_dir / f"{tag}-{digest}.npz"
 
 
+def _owner_only(cache: Path) -> None:
+    """A cache file of ours that others can read (copied in, or from an older minusfed) -> 0600."""
+    try:
+        st = cache.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(cache, 0o600)
+            log(WARNING, "face cache %s was readable by other users; made it 0600", cache)
+    except OSError:
+        pass                                            # missing or not ours: load_faces decides
+
+
+def _train_faces(train_ids: dict[str, list[str]], cache: Path | None) -> FaceDataset:
+    """The training faces, through the cache when it works; a cache that cannot be read or
+    written (full disk, lost permission) costs a re-decode and a warning, never the round."""
+    if cache is None:
+        return load_faces(train_ids, train=True, progress=False)
+    _owner_only(cache)
+    try:
+        return load_faces(train_ids, cache=cache, train=True, progress=False)
+    except OSError as e:
+        warn_once(f"cache-io:{cache}", "face cache %s failed (%s); training without a cache: set "
+                  "node config 'cache-dir' to a writable folder (or \"off\")", cache, e)
+        return load_faces(train_ids, train=True, progress=False)
+
+
 def load_site(identities: dict[str, list[str]], cache_dir: Path | None, tag: str) -> SiteData:
     if not identities:
         raise ValueError(f"site {tag}: no identities with usable images")
     train_ids, pairs = split_held_out(identities)
     all_paths = sorted(p for ps in train_ids.values() for p in ps)
     cache = _cache_file(cache_dir, tag, all_paths) if cache_dir else None
-    train = load_faces(train_ids, cache=cache, train=True, progress=False)
+    train = _train_faces(train_ids, cache)
     eval_paths = sorted({p for a, b, _ in pairs for p in (a, b)})
     where = {p: i for i, p in enumerate(eval_paths)}
     if eval_paths:

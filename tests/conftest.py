@@ -28,3 +28,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def site_dirs(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's sites cache faces and keep margin heads in its own folders, never in
+    ~/.cache or ~/.local/state (clients/site_state.py); flwr run / SuperNode subprocesses
+    inherit these variables."""
+    root = tmp_path_factory.mktemp("site")
+    monkeypatch.setenv("MINUSFED_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("MINUSFED_STATE_DIR", str(root / "state"))
+    return root
