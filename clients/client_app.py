@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from clients.dp import dp_clipping_mod
-from clients.faults import inject_fault
+from clients.faults import inject_fault, inject_handler_bug
 from clients.guard import outbound_guard
 from clients.local import local_evaluate, local_train, stage_models
 from clients.site import (SiteData, federation_identities, load_site, resolve_data_path,
@@ -103,9 +103,10 @@ def _models(msg: Message, context: Context, site: SiteData, tag: str, training: 
     return stage, preset, models, seed, path
 
 
-# inject_fault: TEST HOOK (clients/faults.py), active only with a `fault` key in this SuperNode's
-# own --node-config; outermost, so it corrupts the reply after training and after the guard
-@app.train(mods=[inject_fault, outbound_guard, dp_clipping_mod])   # DP clipping last (no-op when DP is off)
+# inject_fault / inject_handler_bug: TEST HOOKS (clients/faults.py), active only with a `fault` key
+# in this SuperNode's own --node-config.  inject_fault is outermost (a hostile site: it corrupts the
+# reply after the guard); inject_handler_bug sits inside the guard (a buggy handler it must stop)
+@app.train(mods=[inject_fault, outbound_guard, inject_handler_bug, dp_clipping_mod])   # DP clipping last (no-op when DP is off)
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     site, tag = _site(context)

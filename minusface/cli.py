@@ -28,19 +28,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def untrained_warning(meta: dict) -> str | None:
+    """Why a generator file will not protect faces (its run recorded no aggregated stage-1
+    round, or a smoke preset), or None.  Files written before runs recorded this say nothing."""
+    if meta.get("stage1-rounds-aggregated") == 0:
+        return ("this generator is UNTRAINED: its run aggregated no stage-1 round. Its X_p do not "
+                "give MinusFace's protection; train one and pass its final/generator.pt.")
+    if meta.get("preset") == "tiny":
+        return ("this generator comes from the smoke preset 'tiny' "
+                f"({meta.get('stage1-rounds-aggregated', '?')} stage-1 round(s)): faces can stay "
+                "visible in its X_p. Use a generator trained with a real preset.")
+    return None
+
+
 def _frontend(args: argparse.Namespace) -> tuple[MinusFaceFrontend | None, str | None]:
     """(frontend, None) or (None, error message) for --weights / --width."""
     import torch
 
     from .frontend import MinusFaceFrontend
-    from .weights import WeightsError, load_generator
+    from .weights import WeightsError, generator_metadata, load_generator
 
     if args.weights:
         try:
             generator = load_generator(args.weights)
+            meta = generator_metadata(args.weights)
         except WeightsError as e:
             return None, str(e)
         print(f"generator: {args.weights} (w = {generator.width})")
+        warning = untrained_warning(meta)
+        if warning:
+            print(f"{BANNER}\nWARNING: {warning}\n{BANNER}", file=sys.stderr)
         return MinusFaceFrontend(generator=generator).eval(), None
     torch.manual_seed(args.seed)
     print(f"{BANNER}\nWARNING: no --weights given: using a FRESHLY INITIALISED generator "

@@ -420,6 +420,40 @@ def test_nan_oversized_and_malformed_updates_are_rejected_round_goes_on(
     assert "runtime link: a dropped TLS connection is retried" in result.log
 
 
+# ---------------------------------------------------------------- 3b. hostile sites
+
+@pytest.mark.slow
+def test_hostile_sites_cannot_take_over_leak_or_stop_the_round(lfw_root, tmp_path, capsys):
+    """Two honest sites and four hostile ones (clients/faults.py) on a TLS deployment: an
+    over-weighted claim is rejected, an inflated one clipped, a 588 x 64-value metric leak
+    rejected by the server, and a handler's leak stopped at its own site by the outbound guard,
+    which sends only the fixed error reply.  The run completes and metrics.jsonl says why."""
+    from clients.faults import LEAK_PREFIX
+    out = tmp_path / "run-out"
+    faults = [None, None, "overweight", "inflated", "leak-metrics", "handler-leak"]
+    cfg = lean_config(lfw_root, out, len(faults))
+    result, ids, rounds, by_node = deploy_one_round(
+        tmp_path, capsys, "hostile sites", cfg, [{"fault": f} if f else {} for f in faults])
+    assert set(by_node) == set(ids)
+    honest = [by_node[i] for i in ids[:2]]
+    assert all(e["accepted"] and e["problems"] == [] for e in honest), honest
+    entry = dict(zip(faults[2:], (by_node[i] for i in ids[2:])))
+    text = {k: " ".join(e["problems"] + e.get("notes", [])) for k, e in entry.items()}
+    assert not entry["overweight"]["accepted"] and "exceeds max-num-examples" in text["overweight"]
+    assert entry["inflated"]["accepted"] and "weight clipped from" in text["inflated"]
+    median = sorted(e["weight"] for e in honest)
+    assert entry["inflated"]["weight"] <= 4.0 * max(median) + 1e-9     # max-weight-ratio 4
+    assert not entry["leak-metrics"]["accepted"] and "keys" in text["leak-metrics"]
+    assert not entry["handler-leak"]["accepted"]
+    assert "error reply (code 2): ClientApp failed; details are in the site's log" \
+        in text["handler-leak"]
+    logged = (out / "metrics.jsonl").read_text()
+    assert logged.count(LEAK_PREFIX) <= 16 and len(logged) < 200_000   # the leak is not stored
+    assert rounds[0]["metrics"]["dropped"] == []
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in ck["arrays"].values())
+
+
 # ---------------------------------------------------------------- 4. bad site data
 
 @pytest.mark.slow
@@ -515,13 +549,48 @@ def test_fault_hook_corrupts_after_the_handler_only_from_node_config(task_identi
     assert len(calls) == before                     # refused before training
 
 
+def test_metric_faults_are_rejected_or_bounded_by_the_server(task_identity):
+    """The hostile-site metric faults against the server's real reply checks and weighting."""
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+    from clients.faults import LEAK_KEYS, inject_fault, inject_handler_bug
+    from strategy.validation import validate_reply_content
+
+    sent = _record(_tiny_arrays())
+
+    def handler(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"arrays": _record(_tiny_arrays()),
+                                   "metrics": MetricRecord({"num-examples": 4})}), reply_to=msg)
+
+    def run(mod, fault: str) -> Message:
+        msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord({"lr": 0.1})}), 7,
+                      "train", group_id="1")
+        ctx = Context(run_id=1, node_id=7, node_config={"fault": fault}, state=RecordDict(),
+                      run_config={})
+        return mod(msg, ctx, handler)
+
+    over = run(inject_fault, "overweight").content
+    assert any("exceeds max-num-examples" in p
+               for p in validate_reply_content(over, max_num_examples=1_000_000))
+    inflated = run(inject_fault, "inflated").content["metrics"]["num-examples"]
+    assert inflated == 4000 and validate_reply_content(run(inject_fault, "inflated").content) == []
+    leak = run(inject_fault, "leak-metrics").content
+    assert len(leak["metrics"]) == LEAK_KEYS + 1
+    assert validate_reply_content(leak) != []
+    # each hook ignores the other's faults: the outer one never plays a handler bug
+    assert len(run(inject_fault, "handler-leak").content["metrics"]) == 1
+    assert run(inject_handler_bug, "overweight").content["metrics"]["num-examples"] == 4
+    assert len(run(inject_handler_bug, "handler-leak").content["metrics"]) == LEAK_KEYS + 1
+
+
 def test_fault_hook_is_outermost_on_train_and_not_a_run_config_key():
     import tomllib
 
     from clients import client_app
     from federation.protocol import RUN_CONFIG_DEFAULTS
     src = Path(client_app.__file__).read_text()
-    assert "@app.train(mods=[inject_fault, outbound_guard, dp_clipping_mod])" in src
+    assert ("@app.train(mods=[inject_fault, outbound_guard, inject_handler_bug, dp_clipping_mod])"
+            in src)
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert "fault" not in declared and "fault" not in RUN_CONFIG_DEFAULTS   # flwr run rejects it
     assert declared["round-timeout"] == RUN_CONFIG_DEFAULTS["round-timeout"] == 3600.0

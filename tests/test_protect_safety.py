@@ -259,3 +259,22 @@ def test_constant_x_p_of_a_real_face_is_refused():
                       [Path("a.png"), Path("b.png")])
     flat = torch.zeros(1, 3, 112, 112)                   # a flat input may give a flat X_p
     assert check_outputs(flat, torch.ones(1, 3, 112, 112), [Path("c.png")])[0].max() == 255
+
+
+@pytest.mark.parametrize("meta, expected", [
+    ({"preset": "cpu-small", "stage1-rounds-aggregated": 0}, "UNTRAINED"),
+    ({"preset": "tiny", "stage1-rounds-aggregated": 2}, "smoke preset 'tiny'"),
+    ({"preset": "cpu-small", "stage1-rounds-aggregated": 5}, None),
+    ({}, None),                                   # a file written before runs recorded this
+])
+def test_protect_warns_about_an_untrained_or_smoke_generator(tmp_path, capsys, meta, expected):
+    path = tmp_path / "g.pt"
+    save_generator(UNetGenerator(width=4), path, meta=meta)
+    src = tmp_path / "in"
+    _face(src / "a.png")
+    assert _protect(src, tmp_path / "out", path) == 0
+    err = capsys.readouterr().err
+    if expected is None:
+        assert "WARNING" not in err
+    else:
+        assert "WARNING" in err and expected in err
