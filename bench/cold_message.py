@@ -75,7 +75,10 @@ print(json.dumps({"kind": kind, "imports_s": t1 - t0, "dynamo_import_s": t2 - t1
 
 
 def measure(kind: str, data: Path, out: Path, preset: str, max_ids: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the site's cache lives with the benchmark's outputs; no head file, so every process starts
+    # a fresh head as a first-round message does (and none restores another's)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINUSFED_CACHE_DIR": str(out / "cache"),
+           "MINUSFED_STATE_DIR": "off"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, kind, str(data), str(out), preset,
                            str(max_ids)], capture_output=True, text=True, env=env, cwd=ROOT)
