@@ -30,13 +30,14 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import IO
 
 import torch
 from flwr.common.logger import log
+
+from minusface.atomic import write_atomic
 
 # node-config key, environment variable, XDG variable, default under $HOME
 CACHE = ("cache-dir", "MINUSFED_CACHE_DIR", "XDG_CACHE_HOME", ".cache")
@@ -114,21 +115,6 @@ def state_dir(node_config: Mapping[str, object]) -> Path | None:
     return private_dir(path, STATE_KEY) if path is not None else None
 
 
-def write_private(path: Path, write: Callable[[IO[bytes]], None], sync: bool = True) -> None:
-    """Atomically replace `path` with what `write` puts in a 0600 temporary file beside it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def head_file(folder: Path, run_id: int, site: str, stage: str) -> Path:
     """The head file of one run, site and stage (names reduced to [A-Za-z0-9_.-])."""
     clean = re.sub(r"[^A-Za-z0-9_.-]", "_", f"head-run{int(run_id)}-{site}-{stage}")
@@ -139,7 +125,7 @@ def save_head(path: Path, head: Mapping[str, torch.Tensor]) -> bool:
     """Write a head state dict owner-only; False (after one warning) if it could not be."""
     state = {k: v.detach().cpu().contiguous() for k, v in head.items()}
     try:
-        write_private(path, lambda f: torch.save(state, f))
+        write_atomic(path, lambda f: torch.save(state, f), private=True)
     except OSError as e:
         warn_once(f"save:{path}", "could not save the margin head to %s (%s); a SuperNode "
                   "restart will start it fresh (set node config '%s')", path, e, STATE_KEY)

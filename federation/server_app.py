@@ -17,7 +17,6 @@ checkpoint.  A resumed run rewrites final/ (each file atomically); its files car
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -35,6 +34,7 @@ from federation.protocol import (FROZEN_GENERATOR, STAGE1, STAGE2, from_wire,  #
 from federation.report import write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
+from minusface.atomic import write_atomic
 from minusface.generator import UNetGenerator
 from minusface.presets import Preset, get_preset
 from minusface.runtime import tune_allocator
@@ -178,19 +178,6 @@ def final_meta(made: dict, plan: list[tuple[str, int]], done: int, aggregated: d
             "written-at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file, synced, then renamed: never half a file at `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_server(grid: Grid, context: Context) -> None:
     """The whole run; registered as the ServerApp's main (and callable in-process)."""
     harden_runtime_link(grid)      # deployed runs: survive a dropped TLS keep-alive connection
@@ -305,8 +292,9 @@ def run_server(grid: Grid, context: Context) -> None:
     g = UNetGenerator(width=preset.generator_width)
     g.load_state_dict(unflatten(frozen if frozen is not None else state[STAGE1], "generator"))
     save_generator(g, final / "generator.pt", meta=meta)
-    _save_atomic({"stage1": state[STAGE1], "stage2": state[STAGE2], "preset": preset.name,
-                  "meta": meta}, final / "models.pt")
+    models = {"stage1": state[STAGE1], "stage2": state[STAGE2], "preset": preset.name,
+              "meta": meta}
+    write_atomic(final / "models.pt", lambda f: torch.save(models, f))
     report = write_report(out_dir, preset)
     log(INFO, "minusfed: finished; report %s", report)
     if cfg["privacy-eval"]:                         # every site attacks its own faces

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_atomic
 from .generator import UNetGenerator
 
 
@@ -45,17 +46,9 @@ def save_generator(generator: UNetGenerator, path: str | os.PathLike,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _check_plain(meta or {}, "")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with open(tmp, "wb") as file:
-            state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
-            torch.save({"generator": state, "width": generator.width, "meta": dict(meta or {})},
-                       file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
+    payload = {"generator": state, "width": generator.width, "meta": dict(meta or {})}
+    write_atomic(path, lambda file: torch.save(payload, file))
 
 
 def generator_metadata(path: str | os.PathLike) -> dict:
