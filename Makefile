@@ -22,7 +22,7 @@ test-slow: $(VENV)/.installed
 	MINUSFED_DATA="$(DATA)" $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	MINUSFED_DATA="$(DATA)" $(PY) -m minusface.demo --data "$(DATA)"
+	MINUSFED_DATA="$(DATA)" $(PY) -m minusfed.demo --data "$(DATA)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

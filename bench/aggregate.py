@@ -102,7 +102,7 @@ def model_layout(model: str) -> list[tuple[str, list[int], str]]:
         for prefix, module in modules.items():
             for key, value in module.state_dict().items():
                 state[f"{prefix}.{key}"] = value
-    # the key scheme of federation.protocol.flatten ("<module>.<state-dict key>")
+    # the key scheme of task.wire.flatten ("<module>.<state-dict key>")
     return [(key, list(value.shape), str(value.dtype).removeprefix("torch."))
             for key, value in state.items()]
 

@@ -35,7 +35,7 @@ t0 = time.perf_counter()
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from clients.client_app import app
-from federation.protocol import FROZEN_GENERATOR, STAGE1, STAGE2
+from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
 from federation.server_app import initial_arrays
 from minusface.presets import get_preset
 kind, data, out, preset, max_ids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])

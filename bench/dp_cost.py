@@ -207,7 +207,7 @@ def main() -> None:
           f"{ledger['num_sampled_per_round']}), {ledger['releases']} releases, epsilon "
           f"{ledger['epsilon']:.4g} at delta {ledger['delta']:g} (client-level, replace-one, "
           f"Flower RdpAccountant)")
-    from federation.protocol import initial_arrays
+    from task.models import initial_arrays
     from minusface.presets import get_preset
     for stage in ("stage1", "stage2"):
         d = sum(v.numel() for v in initial_arrays(stage, get_preset(a.preset), a.seed).values()

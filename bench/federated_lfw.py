@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from clients.data import FaceDataset, load_faces, pair_index, view2_fold_split  # noqa: E402
 from clients.local import local_train, stage_models  # noqa: E402
-from federation.protocol import (STAGE1, STAGE2, WIRE_DTYPES, from_wire,  # noqa: E402
-                                 initial_arrays, lr_for_round, to_wire, unflatten)
+from task.models import initial_arrays, lr_for_round
+from task.records import STAGE1, STAGE2
+from task.wire import WIRE_DTYPES, from_wire, to_wire, unflatten  # noqa: E402
 from minusface.presets import Preset, get_preset  # noqa: E402
 from minusface.trainer import Trainer, default_device, evaluate_verification  # noqa: E402
 from simulation.partition import partition_identities  # noqa: E402
@@ -124,7 +125,7 @@ def evaluate(models, test: TestSet, device: torch.device) -> dict:
 
 def over_wire(state: Mapping[str, torch.Tensor], wire: str) -> dict[str, torch.Tensor]:
     """What the other side gets: cast to the run config's `wire-dtype` and back to float32
-    (federation/protocol.py's to_wire / from_wire, both ways of every train message)."""
+    (task/wire.py's to_wire / from_wire, both ways of every train message)."""
     return dict(state) if wire == "float32" else from_wire(to_wire(state, wire))
 
 

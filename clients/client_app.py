@@ -24,12 +24,13 @@ from clients.dp import dp_clipping_mod
 from clients.faults import inject_fault, inject_handler_bug
 from clients.guard import outbound_guard
 from clients.local import local_evaluate, local_train, stage_models
-from clients.site import (SiteData, federation_identities, load_site, resolve_data_path,
-                          site_identities_from_folder)
+from clients.site import SiteData, federation_identities, load_site, site_identities_from_folder
 from clients.site_state import cache_dir, head_file, load_head, save_head, state_dir
-from federation.privacy_round import PRIVACY_ACTION, PRIVACY_RECORD
-from federation.protocol import (ARRAYS, CONFIG, FROZEN_GENERATOR, STAGE2, like_received,
-                                 run_config, unflatten)
+from task.config import resolve_data_path
+from task.records import PRIVACY_ACTION, PRIVACY_RECORD
+from task.config import run_config
+from task.records import ARRAYS, CONFIG, FROZEN_GENERATOR, STAGE2
+from task.wire import like_received, unflatten
 from minusface.presets import get_preset
 from simulation.partition import partition_for_client
 

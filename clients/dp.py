@@ -27,7 +27,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from federation.protocol import ARRAYS, CONFIG
+from task.records import ARRAYS, CONFIG
 
 
 def clipping_requested(msg: Message) -> bool:

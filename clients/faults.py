@@ -36,7 +36,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
-from federation.protocol import ARRAYS, NUM_EXAMPLES
+from task.records import ARRAYS, NUM_EXAMPLES
 
 FAULT_KEY = "fault"                 # node-config key (never read from the run config)
 ARRAY_FAULTS = ("nan", "oversized", "extra-key")

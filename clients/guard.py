@@ -33,7 +33,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from federation.privacy_round import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
+from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
 from minusface.provenance import all_protected
 
 GUARD_ALLOWED_RECORDS = ("arrays", "protected")      # the only ArrayRecords that may ever leave
@@ -163,7 +163,7 @@ def _check_shared_array(key: str, array: Array, sent: Array) -> None:
         raise OutboundPolicyError(
             f"outbound_guard: {where} is {_cut(str(array.dtype))} ({_cut(str(array.stype))}), "
             f"the server sent {_cut(str(sent.dtype))} ({_cut(str(sent.stype))}); reply in the "
-            "received dtype (federation.protocol.like_received)")
+            "received dtype (task.wire.like_received)")
     if not _payload_fits(array):
         raise OutboundPolicyError(
             f"outbound_guard: {where} carries {len(array.data)} bytes, more than shape "

@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from federation.protocol import SHARED_MODULES, STAGE1, STAGE2, flatten, load_shared, unflatten
+from task.records import SHARED_MODULES, STAGE1, STAGE2
+from task.wire import flatten, load_shared, unflatten
 from minusface.generator import UNetGenerator
 from minusface.images import to_signed
 from minusface.presets import Preset

@@ -114,7 +114,7 @@ def site_privacy_metrics(images: np.ndarray, labels: np.ndarray, generator_state
     from minusface.generator import UNetGenerator
     from minusface.presets import get_preset
     from privacy.attacks import judge_embed_fn
-    from privacy.cli import train_judge
+    from privacy.judge import train_judge
     from privacy.report import evaluate_client
 
     labels = np.asarray(labels).ravel()

@@ -30,25 +30,6 @@ from clients.data import FaceDataset, load_faces, scan_identity_folders, view2_f
 from clients.site_state import warn_once
 from minusface.presets import Preset
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw_112_centercrop"
-
-
-def resolve_data_path(configured: str) -> Path:
-    """data-path from config, else $MINUSFED_DATA, else ../shared/data/lfw_112_centercrop next to
-    the working directory (a managed SuperLink runs where `flwr run .` was started) or next to
-    this checkout (the ServerApp itself runs from an installed copy under FLWR_HOME)."""
-    raw = configured or os.environ.get("MINUSFED_DATA", "")
-    if raw:
-        candidates = [Path(raw).expanduser()]
-    else:
-        candidates = [Path.cwd().parent / "shared" / "data" / "lfw_112_centercrop", DEFAULT_DATA]
-    for path in candidates:
-        if path.is_dir():
-            return path.resolve()
-    raise FileNotFoundError(f"data-path {', '.join(str(p) for p in candidates)} is not a folder "
-                            f"(set run config 'data-path' or MINUSFED_DATA to the face folder)")
-
-
 def federation_identities(lfw_root: Path, eval_fold: int, preset: Preset,
                           max_identities: int = 0) -> dict[str, list[str]]:
     """Training identities of the whole federation: disjoint from the server's eval fold.

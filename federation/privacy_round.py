@@ -25,11 +25,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from federation.protocol import ARRAYS, CONFIG, FROZEN_GENERATOR
+from task.records import ARRAYS, CONFIG, FROZEN_GENERATOR, PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
 
-PRIVACY_ACTION = "privacy"
-PRIVACY_MESSAGE_TYPE = f"evaluate.{PRIVACY_ACTION}"
-PRIVACY_RECORD = "privacy"
 SUMMARY_COLUMNS = (("ssim", "SSIM"), ("psnr", "PSNR (dB)"), ("tar@0.01", "TAR@1e-2"),
                    ("rank1", "rank-1"), ("grad_cos", "grad cos"))
 

@@ -28,9 +28,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from clients.site import resolve_data_path
-from federation.protocol import (FROZEN_GENERATOR, STAGE1, STAGE2, from_wire,  # noqa: F401
-                                 initial_arrays, lr_for_round, to_wire, run_config, unflatten)
+from task.config import resolve_data_path
+from task.config import run_config
+from task.models import initial_arrays, lr_for_round
+from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
+from task.wire import from_wire, to_wire, unflatten  # noqa: F401
 from federation.report import write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator

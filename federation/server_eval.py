@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from clients.data import FaceDataset, pair_index, read_pairs
-from federation.protocol import STAGE1, load_shared, unflatten
+from task.records import STAGE1
+from task.wire import load_shared, unflatten
 from minusface.generator import UNetGenerator
 from minusface.presets import Preset
 from minusface.trainer import build_models, evaluate_verification

@@ -9,12 +9,19 @@ simulations use `flwr run .` (Ray); see `simulation/launch.py`.
 
 from __future__ import annotations
 
+import importlib
 import time
+import tomllib
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
+
+
+APP_DIR = Path(__file__).resolve().parents[1]     # this checkout: the minusfed app
 
 
 class InProcessGrid(Grid):
@@ -74,14 +81,25 @@ class InProcessGrid(Grid):
 
 
 def run_inprocess(run_config: Mapping[str, object], num_nodes: int,
-                  node_configs: list[dict] | None = None) -> InProcessGrid:
+                  node_configs: list[dict] | None = None, app_dir: Path = APP_DIR) -> InProcessGrid:
     """Run the real ServerApp main against `num_nodes` in-process sites; returns the grid
     (contexts, bytes sent, client time) for inspection."""
-    from clients.client_app import app as client_app
-    from federation.server_app import run_server
-
+    server_app, client_app = load_apps(app_dir)
     grid = InProcessGrid(client_app, num_nodes, run_config, node_configs)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
-    run_server(grid, context)
+    server_app(grid, context)
     return grid
+
+
+def load_apps(app_dir: Path = APP_DIR) -> tuple[ServerApp, ClientApp]:
+    """The ServerApp and ClientApp that `app_dir/pyproject.toml` names in
+    [tool.flwr.app.components], loaded by reference as `flwr run` loads them (so this module
+    depends on no app package)."""
+    components = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    names = components["tool"]["flwr"]["app"]["components"]
+    loaded = []
+    for key in ("serverapp", "clientapp"):
+        module, _, attr = str(names[key]).partition(":")
+        loaded.append(getattr(importlib.import_module(module), attr))
+    return loaded[0], loaded[1]

@@ -63,7 +63,7 @@ def config_arg(config: Mapping[str, object]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
 
 
-def _bin(name: str) -> str:
+def flwr_bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
 
@@ -114,7 +114,7 @@ def submit_run(app_dir: Path, connection: str, env: Mapping[str, str],
                federation_config: Mapping[str, object] | None = None,
                error: type[Exception] = RuntimeError) -> int:
     """`flwr run APP CONNECTION`; the run id, or `error` with what flwr printed."""
-    cmd = [_bin("flwr"), "run", str(app_dir), connection, "--format", "json",
+    cmd = [flwr_bin("flwr"), "run", str(app_dir), connection, "--format", "json",
            "--run-config", config_arg(run_config)]
     if federation_config:
         cmd += ["--federation-config", config_arg(federation_config)]
@@ -129,7 +129,7 @@ def submit_run(app_dir: Path, connection: str, env: Mapping[str, str],
 def run_status(run_id: int, connection: str, env: Mapping[str, str],
                error: type[Exception] = RuntimeError) -> dict:
     """The run's `flwr ls --format json` entry (status, status-details, ...)."""
-    listing = subprocess.run([_bin("flwr"), "ls", connection, "--run-id", str(run_id),
+    listing = subprocess.run([flwr_bin("flwr"), "ls", connection, "--run-id", str(run_id),
                               "--format", "json"], env=dict(env), capture_output=True,
                              text=True, timeout=60)
     try:
@@ -154,21 +154,21 @@ def run_simulation(run_config: Mapping[str, object], num_supernodes: int = 2, *,
     t0 = time.perf_counter()
     with open(log_path, "wb") as log_file:
         superlink = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+            [flwr_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
              "--port", str(port), "--disable-runtime-dependency-installation",
              "--database", str(home / "state.db")],
             env=environment, cwd=str(app_dir), stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", superlink, 60)
-        subprocess.run([_bin("flwr"), "config", "list"], env=environment, check=True,
+        subprocess.run([flwr_bin("flwr"), "config", "list"], env=environment, check=True,
                        capture_output=True)
         with open(home / "config.toml", "a", encoding="utf-8") as f:
             f.write(f'\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
         fed = {"num-supernodes": num_supernodes, "client-resources-num-cpus": num_cpus,
                "client-resources-num-gpus": num_gpus, **(federation_extra or {})}
         run_id = submit_run(app_dir, CONNECTION, environment, run_config, fed)
-        logs = subprocess.run([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+        logs = subprocess.run([flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                               env=environment, capture_output=not echo, text=True,
                               timeout=timeout)
         run = run_status(run_id, CONNECTION, environment)

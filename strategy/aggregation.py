@@ -84,6 +84,10 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from task.config import AGGREGATION_BACKENDS as BACKENDS
+from task.config import AGGREGATION_RULES as RULES
+from task.config import WEIGHTINGS, normalize_backend, normalize_rule, normalize_weighting
+
 from .streaming import weighted_mean
 from .validation import (
     INT64_MAX,
@@ -100,8 +104,6 @@ from .validation import (
     validate_update,
 )
 
-RULES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
-BACKENDS = ("flower", "streaming", "ray")
 # Accumulator precision of the "streaming" and "ray" backends.  float32, as Flower's FedAvg
 # accumulates float32 replies: summing N = 100 terms costs at most ~N * 6e-8 relative error,
 # far below a float16 wire's 4.9e-4 per weight, and float32 accumulation runs as one fused
@@ -114,7 +116,6 @@ BACKEND_ACCUMULATE = "float32"
 # 8 of them costs no memory (bench/aggregate.py: "streaming" vs "streaming-g1").
 BACKEND_GROUP = 8
 
-WEIGHTINGS = ("num-examples", "equal")
 # Defaults of the run-config keys max-num-examples / max-weight-ratio (module doc, "Weights")
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000
 DEFAULT_MAX_WEIGHT_RATIO = 4.0
@@ -138,35 +139,6 @@ class _Screened:
     def weights(self) -> MetricRecord:
         """The reply's (only) MetricRecord, which holds the weight."""
         return next(iter(self.msg.content.metric_records.values()))
-
-
-def normalize_rule(rule: str) -> str:
-    """Accept `Trimmed_Mean` for `trimmed-mean`; reject unknown rules clearly."""
-    name = rule.strip().lower().replace("_", "-")
-    if name not in RULES:
-        raise ValueError(
-            f"Unknown aggregation rule {rule!r}; valid rules: {', '.join(RULES)}"
-        )
-    return name
-
-
-def normalize_backend(backend: str) -> str:
-    """Accept `Streaming` for `streaming`; reject unknown aggregation backends clearly."""
-    name = backend.strip().lower()
-    if name not in BACKENDS:
-        raise ValueError(
-            f"Unknown aggregation backend {backend!r}; valid backends: "
-            f"{', '.join(BACKENDS)}"
-        )
-    return name
-
-
-def normalize_weighting(weighting: str) -> str:
-    """Accept `Equal` for `equal`; reject unknown weightings clearly."""
-    name = weighting.strip().lower()
-    if name not in WEIGHTINGS:
-        raise ValueError(f"Unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
-    return name
 
 
 def _loggable(value: Any, list_len: int = MAX_LIST_LEN) -> Any:

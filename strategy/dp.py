@@ -82,7 +82,7 @@ NOTES = [
 
 @dataclass(frozen=True)
 class DpSettings:
-    """The run-config keys "dp-*" (see `federation/protocol.py`)."""
+    """The run-config keys "dp-*" (see `task/config.py`)."""
 
     noise_multiplier: float
     clipping_norm: float

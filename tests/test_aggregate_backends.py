@@ -334,7 +334,7 @@ def test_strategy_backends_weigh_like_flower_after_clipping(request: pytest.Fixt
 
 
 def test_run_config_has_the_backend_key() -> None:
-    from federation.protocol import RUN_CONFIG_DEFAULTS, run_config
+    from task.config import RUN_CONFIG_DEFAULTS, run_config
 
     assert RUN_CONFIG_DEFAULTS["aggregation-backend"] == "flower"
     assert run_config({"aggregation-backend": "ray"})["aggregation-backend"] == "ray"

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minusface.cli import main
+from minusfed.cli import main
 from minusface.generator import UNetGenerator
 from minusface.weights import save_generator
 

@@ -165,7 +165,7 @@ def test_bad_hosts_are_refused_before_anything_is_written(tmp_path, host, why):
 
 
 def test_cli_names_the_bad_host_and_exits_2(tmp_path, capsys):
-    from minusface.cli import main
+    from minusfed.cli import main
     rc = main(["deploy", "certs", str(tmp_path / "c"), "--hosts", "localhost", "host:8000"])
     err = capsys.readouterr().err
     assert rc == 2 and "error: --hosts 'host:8000'" in err and "DNS name" in err

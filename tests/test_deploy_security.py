@@ -32,7 +32,7 @@ from federation.deploy import superlink as sl
 from federation.deploy import supernode as sn
 from federation.deploy.app_digest import (AppDigestError, app_digest, build_fab, fab_digest,
                                           load_pins, parse_digest, parse_pins)
-from simulation.launch import _bin, flwr_env, free_port, stop
+from simulation.launch import flwr_bin, flwr_env, free_port, stop
 
 FOREIGN_PYPROJECT = """\
 [build-system]
@@ -405,7 +405,7 @@ def _start_superlink(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, int
                                 start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", proc, 120)
-        subprocess.run([_bin("flwr"), "config", "list"], env=env, capture_output=True,
+        subprocess.run([flwr_bin("flwr"), "config", "list"], env=env, capture_output=True,
                        timeout=60, check=True)
         with open(home / "config.toml", "a", encoding="utf-8") as f:
             f.write(f'\n[superlink.guarded]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -426,7 +426,7 @@ def _post(port: int, path: str, source: str = "127.0.0.1") -> tuple[int, bytes]:
 
 
 def _flwr_ls(env: dict) -> dict:
-    r = subprocess.run([_bin("flwr"), "ls", "guarded", "--format", "json"], env=env,
+    r = subprocess.run([flwr_bin("flwr"), "ls", "guarded", "--format", "json"], env=env,
                        capture_output=True, text=True, timeout=120)
     return json.loads(r.stdout)
 

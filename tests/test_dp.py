@@ -17,7 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.dp import dp_clipping_mod
 from clients.guard import outbound_guard
-from federation.protocol import FROZEN_GENERATOR
+from task.records import FROZEN_GENERATOR
 from simulation.inprocess import InProcessGrid
 from strategy.dp import LEDGER_NAME, DpRun, DpSettings
 

@@ -40,7 +40,7 @@ import torch
 from federation.deploy.local import (CONNECTION, NODE_KEY_PREFIX, _cli, _popen, _prepare_keys,
                                      _tail, register_node, site_thread_env, superlink_command,
                                      supernode_command, wait_healthy_tls, write_connection)
-from simulation.launch import ROOT, _bin, flwr_env, free_port, run_status, stop, submit_run
+from simulation.launch import ROOT, flwr_bin, flwr_env, free_port, run_status, stop, submit_run
 from tests.test_deploy_local import _group_gone
 from tests.test_federation import tiny_config
 
@@ -208,7 +208,7 @@ class Federation:
     def follow(self, run_id: int) -> None:
         """(Re)start `flwr log RUN --stream`, appending to the run's log file."""
         with open(self.run_log(run_id), "ab") as out:
-            follower = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+            follower = subprocess.Popen([flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                                         env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         self.started.append(follower)
@@ -594,14 +594,14 @@ def test_fault_hook_is_outermost_on_train_and_not_a_run_config_key():
     import tomllib
 
     from clients import client_app
-    from federation.protocol import RUN_CONFIG_DEFAULTS
+    from task.config import RUN_CONFIG_DEFAULTS
     src = Path(client_app.__file__).read_text()
     assert ("@app.train(mods=[inject_fault, outbound_guard, inject_handler_bug, dp_clipping_mod])"
             in src)
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert "fault" not in declared and "fault" not in RUN_CONFIG_DEFAULTS   # flwr run rejects it
     assert declared["round-timeout"] == RUN_CONFIG_DEFAULTS["round-timeout"] == 3600.0
-    from federation.protocol import run_config
+    from task.config import run_config
     assert run_config({"round-timeout": 30})["round-timeout"] == 30.0
     with pytest.raises(ValueError, match="round-timeout"):
         run_config({"round-timeout": 0.0})

@@ -10,8 +10,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.protocol import (FROZEN_GENERATOR, STAGE1, STAGE2, from_wire, stays_float32,
-                                 to_wire, unflatten)
+from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
+from task.wire import from_wire, stays_float32, to_wire, unflatten
 from federation.server_app import initial_arrays
 from minusface.presets import get_preset
 
@@ -188,7 +188,7 @@ def test_float16_wire_keeps_batchnorm_statistics_finite():
 
 
 def test_wire_dtype_is_validated():
-    from federation.protocol import run_config
+    from task.config import run_config
     with pytest.raises(ValueError, match="wire-dtype"):
         run_config({"wire-dtype": "bfloat16"})
 
@@ -199,7 +199,7 @@ def test_run_config_defaults_are_the_declared_ones_and_pass_validation():
     import tomllib
     from pathlib import Path
 
-    from federation.protocol import RUN_CONFIG_DEFAULTS, run_config
+    from task.config import RUN_CONFIG_DEFAULTS, run_config
     root = Path(__file__).resolve().parents[1]
     declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert declared == RUN_CONFIG_DEFAULTS

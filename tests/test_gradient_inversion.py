@@ -115,9 +115,9 @@ TINY_OVERRIDES = {"inverter-epochs": 1, "aux-images": 8, "eval-images": 6, "batc
 
 def test_privacy_action_replies_only_numbers(lfw_root, tmp_path):
     from clients.client_app import app
-    from federation.privacy_round import (PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD,
-                                          privacy_messages, write_privacy_summary)
-    from federation.protocol import STAGE2
+    from federation.privacy_round import privacy_messages, write_privacy_summary
+    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
+    from task.records import STAGE2
     from federation.server_app import initial_arrays
     from minusface.generator import UNetGenerator
     from minusface.presets import get_preset
@@ -156,7 +156,8 @@ def test_privacy_action_replies_only_numbers(lfw_root, tmp_path):
 
 
 def test_run_privacy_round_sends_the_action_to_every_node_and_writes_files(tmp_path):
-    from federation.privacy_round import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD, run_privacy_round
+    from federation.privacy_round import run_privacy_round
+    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
 
     class FakeGrid:
         sent: list = []

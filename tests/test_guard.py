@@ -516,7 +516,8 @@ def test_real_train_and_evaluate_replies_pass(lfw_root, tmp_path, task_identity,
     """clients.client_app with its production mods: stage-1 train on a float16 wire with DP
     clipping on (dp_clipping_mod inside the guard), then evaluate."""
     from clients.client_app import app
-    from federation.protocol import STAGE1, to_wire
+    from task.records import STAGE1
+    from task.wire import to_wire
     from federation.server_app import initial_arrays
     from minusface.presets import get_preset
 
@@ -556,8 +557,9 @@ def test_real_privacy_reply_passes_and_every_key_is_allowed(lfw_root, tmp_path, 
     f_p sent): its reply passes the guard and each key is in privacy_metric_names()."""
     from clients.client_app import app
     from clients.privacy_eval import GI_ROWS, REPORT_ROWS, privacy_metric_names
-    from federation.privacy_round import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD, privacy_messages
-    from federation.protocol import STAGE2
+    from federation.privacy_round import privacy_messages
+    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
+    from task.records import STAGE2
     from federation.server_app import initial_arrays
     from minusface.generator import UNetGenerator
     from minusface.presets import get_preset

@@ -29,7 +29,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from federation.protocol import run_config
+from task.config import run_config
 from strategy import SharedKeyFedAvg
 from strategy.validation import MAX_KEY_CHARS, MAX_METRIC_KEYS, weight_problem
 from tests.test_aggregate_backends import local_ray  # noqa: F401  (fixture)

@@ -154,7 +154,7 @@ def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
 
 
 def test_cli_parser_registers_privacy_eval():
-    from privacy.cli import add_parser
+    from minusfed.privacy_cli import add_parser
     parser = argparse.ArgumentParser(prog="minusfed")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)

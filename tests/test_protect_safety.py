@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from clients.data import IMAGE_EXTENSIONS
-from minusface.cli import main
+from minusfed.cli import main
 from minusface.generator import UNetGenerator
-from minusface.protect_dir import ProtectError, check_outputs, write_png
+from clients.protect_dir import ProtectError, check_outputs, write_png
 from minusface.weights import WeightsError, load_generator, save_generator
 
 

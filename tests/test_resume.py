@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from federation.protocol import STAGE1, STAGE2
+from task.records import STAGE1, STAGE2
 from federation.report import write_report
 from minusface.weights import WeightsError, generator_metadata, load_generator, save_generator
 from strategy.checkpoint import CheckpointError, CheckpointStore
@@ -165,7 +165,7 @@ def test_resume_whose_plan_moves_the_checkpoint_fails(used: Path, lfw_root: Path
 def test_stage2_checkpoint_keeps_stage1_rounds(tmp_path: Path, lfw_root: Path) -> None:
     """g is frozen once stage 2 began: more stage-1 rounds cannot be honoured."""
     from federation.server_app import check_resume, initial_arrays, made_with
-    from federation.protocol import run_config
+    from task.config import run_config
     from minusface.presets import get_preset
     preset = get_preset("tiny")
     old = made_with(run_config(tiny_config(lfw_root, tmp_path)), preset)

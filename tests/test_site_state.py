@@ -18,7 +18,7 @@ from PIL import Image
 
 from clients import site_state
 from clients.data import FaceDataset, load_faces
-from federation.protocol import STAGE1
+from task.records import STAGE1
 from federation.server_app import initial_arrays
 from minusface.presets import get_preset
 

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulation.launch import (ROOT, _bin, config_arg, flwr_env, free_port, run_status, stop,
+from simulation.launch import (ROOT, flwr_bin, config_arg, flwr_env, free_port, run_status, stop,
                                submit_run)
 
 from .app_digest import AppDigestError, app_digest
@@ -109,7 +109,7 @@ def _popen(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> su
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([_bin("flwr"), *args], env=env, capture_output=True, text=True,
+    return subprocess.run([flwr_bin("flwr"), *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -152,7 +152,7 @@ def supernode_command(superlink: str, port: int, node_config: Mapping[str, objec
     """`flower-supernode` argv; `ca_cert`/`private_key` omitted when None (tests use that).
     With `pinned_apps` (app digests) it is `python -m federation.deploy.supernode`, which
     refuses to run any other app; without, plain `flower-supernode` runs whatever it is sent."""
-    cmd = [_bin("flower-supernode")]
+    cmd = [flwr_bin("flower-supernode")]
     if pinned_apps:
         cmd = [sys.executable, "-m", "federation.deploy.supernode"]
         for digest in pinned_apps:
@@ -314,7 +314,7 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
 
         run_id = submit_run(app_dir, CONNECTION, env, cfg, error=DeployError)
 
-        follower = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+        follower = subprocess.Popen([flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True)
         started.append(follower)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from federation.report import final_summary
     from minusface.frontend import MinusFaceFrontend
-    from minusface.protect_dir import protect_directory
+    from clients.protect_dir import protect_directory
     from minusface.weights import load_generator
     from simulation.launch import run_simulation
 

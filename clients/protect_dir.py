@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .frontend import MinusFaceFrontend
+from minusface.frontend import MinusFaceFrontend
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Data mode: identities with >= 2 images under LFW_ROOT are shuffled with --seed; 
 evaluated client, the next M the attacker's auxiliary set (disjoint by construction).
 Run mode: the generator is RUN_DIR/final/generator.pt; client K's identities are recomputed with
 simulation.partition + clients.site.federation_identities from RUN_DIR/run_config.json (keys of
-federation.protocol.RUN_CONFIG_DEFAULTS plus "num-clients"), or, without that file, from --data,
+task.config.RUN_CONFIG_DEFAULTS plus "num-clients"), or, without that file, from --data,
 --num-clients, --eval-fold, --partition-scheme, --partition-seed, --max-identities and
 --fed-preset.  The auxiliary set is M identities (>= 2 images) from outside client K.
 Without --judge, an unprotected judge recognizer is trained on the auxiliary identities first
@@ -148,7 +148,7 @@ def run_recognizer(args):
         return None, ""
     import torch
 
-    from federation.protocol import unflatten
+    from task.wire import unflatten
     from minusface.backbones import build_backbone
     from minusface.presets import get_preset
     ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -160,40 +160,14 @@ def run_recognizer(args):
     return net, f"the run's final stage-2 recognizer f_p ({path})"
 
 
-def load_judge(path: str):
-    """Recognizer of a minusface.trainer checkpoint (baseline recipe) -> module in eval mode."""
-    import torch
-
-    from minusface.backbones import build_backbone
-    from minusface.presets import get_preset
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or "models" not in ck or "recognizer" not in ck["models"]:
-        raise SystemExit(f"error: {path}: not a minusface trainer checkpoint")
-    if ck.get("recipe") not in (None, "baseline"):
-        print(f"WARNING: judge {path} was trained with recipe {ck.get('recipe')!r}, not the "
-              f"unprotected baseline", file=sys.stderr)
-    preset = get_preset(str(ck.get("preset", "tiny")))
-    net = build_backbone(preset.backbone, 3, width=preset.backbone_width)
-    net.load_state_dict(ck["models"]["recognizer"])
-    return net.eval()
-
-
-def train_judge(images, labels, config, out_dir: Path, seed: int, progress: bool):
-    from minusface.presets import get_preset
-    from minusface.trainer import Trainer
-    preset = get_preset(config.judge_preset)
-    trainer = Trainer("baseline", preset, images, labels, out_dir, seed=seed,
-                      epochs=config.judge_epochs, progress=progress)
-    return trainer.run().recognizer.eval()
-
-
 # --------------------------------------------------------------------------- command
 
 def run_cli(args: argparse.Namespace) -> int:
+    from privacy.judge import load_judge, train_judge
     from minusface.presets import get_preset
 
-    from .attacks import judge_embed_fn
-    from .report import evaluate_client, get_privacy_config, write_report, write_summary
+    from privacy.attacks import judge_embed_fn
+    from privacy.report import evaluate_client, get_privacy_config, write_report, write_summary
 
     config = get_privacy_config(args.preset)
     overrides = {k: v for k, v in (("gi_images", args.gi_images), ("gi_steps", args.gi_steps))

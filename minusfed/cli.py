@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .frontend import MinusFaceFrontend
+    from minusface.frontend import MinusFaceFrontend
 
 BANNER = "!" * 78
 
@@ -45,8 +45,8 @@ def _frontend(args: argparse.Namespace) -> tuple[MinusFaceFrontend | None, str |
     """(frontend, None) or (None, error message) for --weights / --width."""
     import torch
 
-    from .frontend import MinusFaceFrontend
-    from .weights import WeightsError, generator_metadata, load_generator
+    from minusface.frontend import MinusFaceFrontend
+    from minusface.weights import WeightsError, generator_metadata, load_generator
 
     if args.weights:
         try:
@@ -68,7 +68,7 @@ def _frontend(args: argparse.Namespace) -> tuple[MinusFaceFrontend | None, str |
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:
-    from .protect_dir import ProtectError, describe_ignored, plan_protection, run_plan
+    from clients.protect_dir import ProtectError, describe_ignored, plan_protection, run_plan
 
     try:                                   # every path check before a model is built
         plan = plan_protection(Path(args.in_dir), Path(args.out_dir), overwrite=args.overwrite)
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live with their packages; their heavy imports happen when they run.
     from federation.deploy.cli import add_parser as add_deploy
-    from privacy.cli import add_parser as add_privacy
+    from minusfed.privacy_cli import add_parser as add_privacy
     add_privacy(sub)
     add_deploy(sub)
     return parser
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .runtime import tune_allocator
+    from minusface.runtime import tune_allocator
     tune_allocator()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -1,37 +1,23 @@
-"""Message schema shared by the ServerApp and the ClientApp: stages, record names, config keys.
+"""The run config: every key's default and the check of every value.
 
-faces -> [client: front end -> X_p -> recognizer] -> shared weights -> [server: aggregate]
-
-Train messages hold "arrays" (the shared weights: every key is "<module>.<state-dict key>"),
-"config" (stage, lr, local-epochs, ...), and in stage 2 the read-only "frozen-generator".
-Replies hold "arrays" with exactly the keys received and "metrics" with `num-examples`.
-Margin heads (class centres of a site's identities) never appear in any record.
+pyproject.toml's [tool.flwr.app.config] declares the keys `flwr run` accepts; this module holds
+their defaults and ranges.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
-from torch import nn
+from minusface.presets import PRESETS
+from simulation.partition import SCHEMES
+from task.wire import WIRE_DTYPES
 
-from minusface.backbones import build_backbone
-from minusface.generator import UNetGenerator
-from minusface.presets import PRESETS, Preset
-
-STAGE1 = "stage1"
-STAGE2 = "stage2"
-STAGES = (STAGE1, STAGE2)
-
-ARRAYS = "arrays"
-CONFIG = "config"
-FROZEN_GENERATOR = "frozen-generator"
-NUM_EXAMPLES = "num-examples"
-
-# Which modules are shared (aggregated) in each stage; the head is never shared.
-SHARED_MODULES = {STAGE1: ("generator", "recognizer"), STAGE2: ("recognizer",)}
+AGGREGATION_RULES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
+AGGREGATION_BACKENDS = ("flower", "streaming", "ray")
+WEIGHTINGS = ("num-examples", "equal")
 
 # Run-config keys (a contract: scripts and docs rely on these names), with defaults.
 RUN_CONFIG_DEFAULTS: dict[str, object] = {
@@ -147,17 +133,23 @@ def _delta(value: object) -> str | None:
     return None if 0 < v < 1 else "a number in (0, 1)"
 
 
-def _partition_schemes() -> tuple[str, ...]:
-    from simulation.partition import SCHEMES  # pylint: disable=import-outside-toplevel
-    return tuple(SCHEMES)
+def _choice(kind: str, plural: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A normaliser that accepts "Trimmed_Mean" for "trimmed-mean" and rejects unknown names."""
+    def normalize(value: str) -> str:
+        name = value.strip().lower().replace("_", "-")
+        if name not in choices:
+            raise ValueError(f"Unknown {kind} {value!r}; {('valid ' + plural).strip()}: {', '.join(choices)}")
+        return name
+    return normalize
+
+
+normalize_rule = _choice("aggregation rule", "rules", AGGREGATION_RULES)
+normalize_backend = _choice("aggregation backend", "backends", AGGREGATION_BACKENDS)
+normalize_weighting = _choice("weighting", "", WEIGHTINGS)
 
 
 def _named_choices() -> dict[str, Callable[[str], str]]:
-    """Keys checked (and normalised, "Trimmed_Mean" -> "trimmed-mean") by the strategy's own
-    functions; imported here so a client, which also parses the run config, loads them only
-    when it does."""
-    from strategy.aggregation import (  # pylint: disable=import-outside-toplevel
-        normalize_backend, normalize_rule, normalize_weighting)
+    """Keys normalised ("Trimmed_Mean" -> "trimmed-mean") after the range checks."""
     return {"aggregation": normalize_rule, "aggregation-backend": normalize_backend,
             "weighting": normalize_weighting}
 
@@ -173,7 +165,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "out-dir": _out_dir,
     "min-nodes": _at_least(1),
     "eval-fold": lambda v: None if 0 <= v <= 9 else "an LFW View 2 fold, 0..9",  # type: ignore
-    "partition-scheme": lambda v: _one_of(_partition_schemes())(v),     # imported when used
+    "partition-scheme": _one_of(tuple(SCHEMES)),
     "partition-seed": _at_least(0),
     "max-identities": _at_least(0, " (0 = all identities)"),
     "server-eval-pairs": _at_least(0, " (0 = all pairs of the fold)"),
@@ -189,76 +181,20 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
 }
 
 
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw_112_centercrop"
 
 
-# BatchNorm running statistics stay float32 on any wire: the BN after the recognizer's first
-# conv sees the 192-channel residue (DCT coefficients up to ~800), and its running variance
-# passes float16's largest value (65,504) within a few epochs.  Cast, it becomes inf: the
-# server rejects every reply as non-finite (a real run) or evaluates a constant model (LFW
-# accuracy 50.0 %, AUC 0.500, in bench/federated_lfw.py before this rule).  They are a few
-# hundred numbers per model, so the bytes barely change.
-FULL_PRECISION_SUFFIXES = (".running_mean", ".running_var")
-
-
-def stays_float32(key: str) -> bool:
-    return key.endswith(FULL_PRECISION_SUFFIXES)
-
-
-def to_wire(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Floating-point tensors cast to the wire dtype, except BatchNorm running statistics
-    (`stays_float32`); integer buffers (BatchNorm step counts) unchanged."""
-    target = WIRE_DTYPES[dtype]
-    return {k: v.to(target) if v.is_floating_point() and not stays_float32(k) else v
-            for k, v in state.items()}
-
-
-def from_wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Back to the float32 master copy."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def like_received(state: Mapping[str, torch.Tensor],
-                  received_dtypes: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """A client replies in the dtypes it received (Array.dtype names such as "float16"), so the
-    reply passes the server's dtype check and costs the same bytes as the download."""
-    out = {}
-    for k, v in state.items():
-        want = getattr(torch, received_dtypes.get(k, ""), None)
-        out[k] = v.to(want) if isinstance(want, torch.dtype) and v.is_floating_point() else v
-    return out
-
-
-def flatten(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """{"generator": g, "recognizer": f} -> {"generator.enc1.0.weight": ..., ...} on CPU."""
-    out: dict[str, torch.Tensor] = {}
-    for prefix, module in modules.items():
-        for key, value in module.state_dict().items():
-            out[f"{prefix}.{key}"] = value.detach().cpu()
-    return out
-
-
-def unflatten(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    p = prefix + "."
-    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
-
-
-def load_shared(modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor]) -> None:
-    """Load every shared module strictly: a missing or unexpected key is an error."""
-    for prefix, module in modules.items():
-        module.load_state_dict(unflatten(state, prefix), strict=True)
-
-
-def lr_for_round(preset: Preset, stage_round: int, stage_rounds: int) -> float:
-    """The preset's step schedule over a stage's rounds: LR / 10 for each milestone fraction of
-    the stage already completed before this round (round 1 always trains at the full LR)."""
-    done = (stage_round - 1) / stage_rounds
-    return preset.lr * (0.1 ** sum(1 for f in preset.milestones if done >= f))
-
-
-def initial_arrays(stage: str, preset: Preset, seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    if stage == STAGE1:
-        return flatten({"generator": UNetGenerator(width=preset.generator_width),
-                        "recognizer": build_backbone(preset.backbone, 192, width=preset.backbone_width)})
-    return flatten({"recognizer": build_backbone(preset.backbone, 3, width=preset.backbone_width)})
+def resolve_data_path(configured: str) -> Path:
+    """data-path from config, else $MINUSFED_DATA, else ../shared/data/lfw_112_centercrop next to
+    the working directory (a managed SuperLink runs where `flwr run .` was started) or next to
+    this checkout (the ServerApp itself runs from an installed copy under FLWR_HOME)."""
+    raw = configured or os.environ.get("MINUSFED_DATA", "")
+    if raw:
+        candidates = [Path(raw).expanduser()]
+    else:
+        candidates = [Path.cwd().parent / "shared" / "data" / "lfw_112_centercrop", DEFAULT_DATA]
+    for path in candidates:
+        if path.is_dir():
+            return path.resolve()
+    raise FileNotFoundError(f"data-path {', '.join(str(p) for p in candidates)} is not a folder "
+                            f"(set run config 'data-path' or MINUSFED_DATA to the face folder)")
