@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(abspath ../shared/data/lfw_112_centercrop)
 PYTEST_ARGS ?=
 
-.PHONY: test test-slow demo install clean
+.PHONY: test test-slow lint demo install clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh "$(VENV)"
@@ -13,8 +13,13 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 
 install: $(VENV)/.installed
 
-# Fast suite (unit tests, direct ClientApp calls, an in-process federation).
-test: $(VENV)/.installed
+# The import layering (pyproject [tool.importlinter]) and ruff; both fail the build.
+lint: $(VENV)/.installed
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check .
+
+# Fast suite (unit tests, direct ClientApp calls, an in-process federation), after lint.
+test: lint
 	MINUSFED_DATA="$(DATA)" $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # End-to-end runs (flwr run on Ray, a 2-node Ray cluster, a TLS deployment): minutes each; CI runs them.

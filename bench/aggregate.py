@@ -1,6 +1,6 @@
 """Server-side aggregation throughput: NumPy, Flower FedAvg, streaming and Ray backends.
 
-    python bench/aggregate.py [--sizes 10:paper,100:paper,1000:cpu-small] [--n 10,100]
+    python -m bench.aggregate [--sizes 10:paper,100:paper,1000:cpu-small] [--n 10,100]
                               [--model paper|paper-stage1|cpu-small|tiny] [--methods ...]
                               [--quick] [--append BENCHMARKS.md]
 
@@ -50,22 +50,30 @@ Methods:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import (
+    ROOT,
+    PeakSampler,
+    arg_parser,
+    command_line,
+    descendants,
+    markdown_table,
+    peak_rss_mb,
+    provenance,
+    reset_peak_rss,
+    status_kb,
+    sum_kb,
+)
 
 METHODS = ("numpy", "flower", "streaming", "streaming-g1", "streaming-numpy", "streaming-f64",
            "ray", "server", "server-norm", "server-previous")
@@ -107,7 +115,8 @@ def model_layout(model: str) -> list[tuple[str, list[int], str]]:
             for key, value in state.items()]
 
 
-def layout_bytes(layout) -> int:
+def layout_bytes(layout: list[tuple[str, list[int], str]]) -> int:
+    """Bytes of one update with this layout."""
     return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
                for _, shape, dtype in layout)
 
@@ -115,81 +124,22 @@ def layout_bytes(layout) -> int:
 # --- child: one method on one case ------------------------------------------------------------
 
 
-def _status_kb(field: str, pid: str = "self") -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def _descendants_anon_kb() -> Callable[[], float]:
+    """RssAnon summed over this process's descendants (Ray's raylet, GCS and workers); the
+    process list is re-read every 20th call (a /proc walk per sample would perturb Ray)."""
+    pids: list[int] = []
+    calls = 0
+
+    def measure() -> float:
+        nonlocal pids, calls
+        if calls % 20 == 0:
+            pids = descendants(os.getpid())
+        calls += 1
+        return sum_kb("RssAnon", pids)
+    return measure
 
 
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-class _PeakSampler:
-    """Peak private memory (RssAnon: excludes file and shared-memory pages, e.g. Ray's object
-    store mapped into the process) of this process, sampled every 5 ms; with
-    `with_descendants`, also the peak of the summed RssAnon of all descendant processes (Ray's
-    raylet, GCS and workers), sampled every 50 ms."""
-
-    def __init__(self, with_descendants: bool = False) -> None:
-        self.with_descendants = with_descendants
-        self.peak_anon_kb = _status_kb("RssAnon") or 0
-        self.peak_descendants_kb = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        tick, pids = 0, []
-        while not self._stop.wait(0.005):
-            self.peak_anon_kb = max(self.peak_anon_kb, _status_kb("RssAnon") or 0)
-            if self.with_descendants and tick % 10 == 0:
-                if tick % 200 == 0:
-                    pids = _descendants(os.getpid())
-                total = sum(_status_kb("RssAnon", str(pid)) or 0 for pid in pids)
-                self.peak_descendants_kb = max(self.peak_descendants_kb, total)
-            tick += 1
-
-    def __enter__(self) -> "_PeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_anon_kb = max(self.peak_anon_kb, _status_kb("RssAnon") or 0)
-
-
-def make_buffers(layout, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def make_buffers(layout: list[tuple[str, list[int], str]], seed: int = 0) -> list[dict[str, np.ndarray]]:
     """DISTINCT update buffer sets: random float arrays (scaled copies), small int counters."""
     rng = np.random.default_rng(seed)
     sets: list[dict[str, np.ndarray]] = [{} for _ in range(DISTINCT)]
@@ -205,10 +155,12 @@ def make_buffers(layout, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 def weight(i: int) -> float:
+    """Update i's num-examples: spread over 1..100, the same in every method."""
     return float(1 + (37 * i) % 100)
 
 
 def run_child(spec: dict) -> dict:
+    """Make the inputs, then time one method's aggregation of them and read its memory."""
     layout, n, method = spec["layout"], spec["n"], spec["method"]
     sets = make_buffers(layout)
     like = sets[0]
@@ -220,8 +172,8 @@ def run_child(spec: dict) -> dict:
             yield sets[i % DISTINCT], weight(i)
 
     if method == "flower":
-        from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict  # noqa: PLC0415
-        from flwr.serverapp.strategy.strategy_utils import (  # noqa: PLC0415
+        from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+        from flwr.serverapp.strategy.strategy_utils import (
             aggregate_arrayrecords,
         )
 
@@ -247,11 +199,11 @@ def run_child(spec: dict) -> dict:
                 out[k] = (np.rint(a) if like[k].dtype.kind in "iu" else a).astype(like[k].dtype)
             return out
     elif method.startswith("server"):
-        from flwr.app import Array, ArrayRecord  # noqa: PLC0415
+        from flwr.app import Array, ArrayRecord
 
-        from strategy.aggregation import BACKEND_ACCUMULATE, BACKEND_GROUP  # noqa: PLC0415
-        from strategy.streaming import StreamingWeightedMean  # noqa: PLC0415
-        from strategy.validation import reference_to_numpy, validate_update  # noqa: PLC0415
+        from strategy.aggregation import BACKEND_ACCUMULATE, BACKEND_GROUP
+        from strategy.streaming import StreamingWeightedMean
+        from strategy.validation import reference_to_numpy, validate_update
 
         records = [ArrayRecord({k: Array(v) for k, v in s.items()}) for s in sets]
         reference = reference_to_numpy(records[0])
@@ -287,8 +239,8 @@ def run_child(spec: dict) -> dict:
                     acc.add({k: a.numpy() for k, a in rec.items()}, weight(i))
                 return acc.result(like)
     elif method.startswith("streaming"):
-        from strategy.aggregation import BACKEND_GROUP  # noqa: PLC0415
-        from strategy.streaming import StreamingWeightedMean  # noqa: PLC0415
+        from strategy.aggregation import BACKEND_GROUP
+        from strategy.streaming import StreamingWeightedMean
 
         accumulate = "float64" if method == "streaming-f64" else "float32"
         kernel = "numpy" if method == "streaming-numpy" else "torch"
@@ -300,9 +252,9 @@ def run_child(spec: dict) -> dict:
                 acc.add(arrays, w)
             return acc.result(like)
     elif method == "ray":
-        import ray  # noqa: PLC0415
+        import ray
 
-        from strategy.ray_backend import (  # noqa: PLC0415
+        from strategy.ray_backend import (
             DEFAULT_FAN_IN,
             DEFAULT_SHARD_BYTES,
             plan_shards,
@@ -324,25 +276,29 @@ def run_child(spec: dict) -> dict:
     else:
         raise ValueError(f"unknown method {method!r}")
 
-    rss_before = _status_kb("VmRSS")
-    anon_before = _status_kb("RssAnon") or 0
-    sampler = _PeakSampler(with_descendants=method == "ray")
-    reset = _reset_peak()
+    rss_before = status_kb("VmRSS")
+    anon_before = status_kb("RssAnon") or 0
+    own = PeakSampler(lambda: status_kb("RssAnon") or 0, interval=0.005)
+    ray_procs = PeakSampler(_descendants_anon_kb(), interval=0.05) if method == "ray" else None
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
-    with sampler:
-        result = run()
+    with own:
+        if ray_procs is not None:
+            with ray_procs:
+                result = run()
+        else:
+            result = run()
     seconds = time.perf_counter() - t0
-    extra["anon_delta_mb"] = (sampler.peak_anon_kb - anon_before) / 1024
-    if method == "ray":
-        extra["ray_procs_anon_mb"] = round(sampler.peak_descendants_kb / 1024)
-    peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if method == "ray":
-        import ray  # noqa: PLC0415
+    extra["anon_delta_mb"] = (own.peak - anon_before) / 1024
+    peak = (status_kb("VmHWM") or 0) / 1024 if reset else peak_rss_mb()
+    if ray_procs is not None:
+        import ray
 
+        extra["ray_procs_anon_mb"] = round(ray_procs.peak / 1024)
         ray.shutdown()
     del result
     return {"seconds": seconds, "gb_per_s": n * nbytes / seconds / 1e9,
-            "rss_before_mb": (rss_before or 0) / 1024, "peak_mb": (peak or 0) / 1024,
+            "rss_before_mb": (rss_before or 0) / 1024, "peak_mb": peak,
             "peak_reset": reset, **extra}
 
 
@@ -361,15 +317,8 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def parse_sizes(text: str) -> list[tuple[int, str]]:
+    """"10:paper,100:tiny" -> [(10, "paper"), (100, "tiny")]."""
     cases = []
     for item in text.split(","):
         n, _, model = item.strip().partition(":")
@@ -380,11 +329,12 @@ def parse_sizes(text: str) -> list[tuple[int, str]]:
 
 
 def run_case(spec: dict, timeout: float) -> dict:
+    """One method on one case in a fresh interpreter (its own peak memory); {"error"} if not."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
         path = fh.name
     try:
-        proc = subprocess.run([sys.executable, __file__, "--child", path], text=True,
+        proc = subprocess.run([sys.executable, "-m", "bench.aggregate", "--child", path], text=True,
                               capture_output=True, timeout=timeout, cwd=ROOT, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -396,7 +346,7 @@ def run_case(spec: dict, timeout: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.aggregate", __doc__)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default=None,
                     help=f"cases N:model, comma separated (default {DEFAULT_SIZES})")
@@ -452,25 +402,19 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
 
     header = [
-        f"`python bench/aggregate.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-        .replace(" `", "`"),
-        f"machine {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, "
-        f"{platform.processor() or platform.system()}), {datetime.date.today().isoformat()}, "
-        f"commit {git_commit()}, numpy {np.__version__}, total {time.time() - t_start:.0f} s",
-        f"memory-copy bandwidth (np.copyto 512 MiB, read + write): {bandwidth:.1f} GB/s "
-        f"before, {bandwidth_after:.1f} GB/s after; load average {load_before[0]:.2f} before, "
-        f"{load_after[0]:.2f} after (other processes share the machine)",
-        f"updates rotate among {DISTINCT} pre-made buffer sets, weight 1 + (37 i mod 100); "
-        "GB/s = N x update bytes / seconds",
+        f"`{command_line('bench.aggregate', argv)}`",
+        f"{provenance()}; total {time.time() - t_start:.0f} s",
+        (f"memory-copy bandwidth (np.copyto 512 MiB, read + write): {bandwidth:.1f} GB/s "
+         f"before, {bandwidth_after:.1f} GB/s after; load average {load_before[0]:.2f} before, "
+         f"{load_after[0]:.2f} after (other processes share the machine)"),
+        (f"updates rotate among {DISTINCT} pre-made buffer sets, weight 1 + (37 i mod 100); "
+         "GB/s = N x update bytes / seconds"),
     ]
-    lines = ["| N | model (MB/update) | method | seconds | GB/s | % of copy BW | "
-             "peak RSS MiB | private peak over inputs MiB | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
         label = f"{r['model']} ({r['mb']:.1f})"
         if "error" in r:
-            lines.append(f"| {r['n']} | {label} | {r['method']} | — | — | — | — | — | "
-                         f"{r['error']} |")
+            cells.append([r["n"], label, r["method"], *["—"] * 5, r["error"]])
             continue
         notes = []
         if r["method"] == "flower":
@@ -482,11 +426,12 @@ def main(argv: list[str] | None = None) -> int:
                          "in peak RSS)")
         if not r.get("peak_reset", True):
             notes.append("peak = ru_maxrss (incl. setup)")
-        lines.append(
-            f"| {r['n']} | {label} | {r['method']} | {r['seconds']:.2f} | "
-            f"{r['gb_per_s']:.2f} | {100 * r['gb_per_s'] / bandwidth:.0f}% | "
-            f"{r['peak_mb']:.0f} | {r['anon_delta_mb']:.0f} | "
-            f"{'; '.join(notes)} |")
+        cells.append([r["n"], label, r["method"], f"{r['seconds']:.2f}", f"{r['gb_per_s']:.2f}",
+                      f"{100 * r['gb_per_s'] / bandwidth:.0f}%", f"{r['peak_mb']:.0f}",
+                      f"{r['anon_delta_mb']:.0f}", "; ".join(notes)])
+    lines = [markdown_table(["N", "model (MB/update)", "method", "seconds", "GB/s",
+                             "% of copy BW", "peak RSS MiB", "private peak over inputs MiB",
+                             "notes"], cells)]
     lines.append("")
     for n, model in cases:
         done = [r for r in rows if (r["n"], r["model"]) == (n, model) and "error" not in r]

@@ -1,6 +1,6 @@
 """What one ClientApp message costs in a fresh process vs a warm one (issue 7, client round trip).
 
-    python bench/cold_message.py [--preset tiny] [--max-identities 12] [--repeats 2]
+    python -m bench.cold_message [--preset tiny] [--max-identities 12] [--repeats 2]
 
 A deployed SuperNode (Flower 1.42) handles every message in a fresh `flwr-clientapp` process; a
 simulation's Ray actors stay warm.  For each message kind (stage-1 train, stage-2 train,
@@ -15,18 +15,24 @@ partition 0 of 2 of `--max-identities` LFW identities, as in the tests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw_112_centercrop"
+from bench.common import (
+    DATA_HELP,
+    ROOT,
+    arg_parser,
+    data_path,
+    git_commit,
+    markdown_table,
+    provenance,
+)
+
 KINDS = ("stage1", "stage2", "evaluate")
 
 CHILD = r"""
@@ -36,14 +42,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from clients.client_app import app
 from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
-from federation.server_app import initial_arrays
+from task.models import initial_arrays
 from minusface.presets import get_preset
 kind, data, out, preset, max_ids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 t1 = time.perf_counter()
 if kind != "evaluate":
     import torch._dynamo  # what torch.optim would import inside the first train handler
 t2 = time.perf_counter()
-TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1   # no SuperNode here
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1   # no SuperNode here
 cfg = {"preset": preset, "stage1-rounds": 1, "stage2-rounds": 1, "local-epochs": 1,
        "fraction-train": 1.0, "data-path": data, "out-dir": out, "min-nodes": 2,
        "max-identities": max_ids, "server-eval-pairs": 20}
@@ -75,13 +81,15 @@ print(json.dumps({"kind": kind, "imports_s": t1 - t0, "dynamo_import_s": t2 - t1
 
 
 def measure(kind: str, data: Path, out: Path, preset: str, max_ids: int) -> dict:
+    """One message kind handled twice in a fresh interpreter (started in the checkout, so it
+    imports this code): the row of timings it prints."""
     # the site's cache lives with the benchmark's outputs; no head file, so every process starts
     # a fresh head as a first-round message does (and none restores another's)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINUSFED_CACHE_DIR": str(out / "cache"),
-           "MINUSFED_STATE_DIR": "off"}
+    env = {**os.environ, "MINUSFED_CACHE_DIR": str(out / "cache"), "MINUSFED_STATE_DIR": "off"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, kind, str(data), str(out), preset,
-                           str(max_ids)], capture_output=True, text=True, env=env, cwd=ROOT)
+                           str(max_ids)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          check=False)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} message failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -91,9 +99,8 @@ def measure(kind: str, data: Path, out: Path, preset: str, max_ids: int) -> dict
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| message | process wall s | imports s | torch._dynamo import s | cold handler s "
-             "| warm handler s | fresh process adds s | share of the cold message |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One line per fresh process: where its time went."""
+    cells = []
     for r in rows:
         dyn = (f"{r['dynamo_import_s']:.2f}" if r["kind"] != "evaluate" else
                "imported by the handler" if r["dynamo_loaded"] else "not needed")
@@ -101,15 +108,17 @@ def table(rows: list[dict]) -> str:
         # so the cold handler time excludes it) and the cold handler's extra over a warm one
         adds = r["imports_s"] + r["dynamo_import_s"] + r["cold_handler_s"] - r["warm_handler_s"]
         total = r["imports_s"] + r["dynamo_import_s"] + r["cold_handler_s"]
-        lines.append(f"| {r['kind']} | {r['process_wall_s']:.2f} | {r['imports_s']:.2f} | "
-                     f"{dyn} | {r['cold_handler_s']:.2f} | "
-                     f"{r['warm_handler_s']:.2f} | {adds:.2f} | {adds / total:.0%} |")
-    return "\n".join(lines)
+        cells.append([r["kind"], f"{r['process_wall_s']:.2f}", f"{r['imports_s']:.2f}", dyn,
+                      f"{r['cold_handler_s']:.2f}", f"{r['warm_handler_s']:.2f}", f"{adds:.2f}",
+                      f"{adds / total:.0%}"])
+    return markdown_table(["message", "process wall s", "imports s", "torch._dynamo import s",
+                           "cold handler s", "warm handler s", "fresh process adds s",
+                           "share of the cold message"], cells)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("MINUSFED_DATA", DEFAULT_DATA)))
+    ap = arg_parser("bench.cold_message", __doc__)
+    ap.add_argument("--data", type=Path, default=None, help=DATA_HELP)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--max-identities", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2, help="fresh processes per message kind")
@@ -120,19 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         ap.error(f"--kinds: unknown {sorted(unknown)}; valid: {', '.join(KINDS)}")
-    if not args.data.is_dir():
-        ap.error(f"--data: {args.data} is not a folder (expected the LFW crops folder)")
+    data = data_path(args.data)
     rows = []
     with tempfile.TemporaryDirectory(prefix="minusfed-cold-") as out:
         for _ in range(args.repeats):         # kinds alternate, so drifting load hits each alike
             for kind in kinds:
-                rows.append(measure(kind, args.data.resolve(), Path(out), args.preset,
+                rows.append(measure(kind, data, Path(out), args.preset,
                                     args.max_identities))
                 print(f"{kind}: {rows[-1]['process_wall_s']:.1f} s", file=sys.stderr, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip() or "unknown"
-    print(f"\n{platform.node()}, {os.cpu_count()} CPUs, preset {args.preset}, site = partition 0 of 2 "
-          f"of {args.max_identities} identities, commit {commit}, {time.strftime('%Y-%m-%d')}")
+    commit = git_commit()
+    print(f"\n{provenance()}; preset {args.preset}, site = partition 0 of 2 of "
+          f"{args.max_identities} identities")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "max_identities": args.max_identities,

@@ -1,7 +1,7 @@
 """Does data loading starve training?  Loader throughput and its share of a training epoch.
 
-    python bench/data_loading.py --preset cpu-small               # CPU
-    python bench/data_loading.py --preset gpu-small               # GPU (bf16 + channels_last)
+    python -m bench.data_loading --preset cpu-small               # CPU
+    python -m bench.data_loading --preset gpu-small               # GPU (bf16 + channels_last)
 
 Two measurements, on random uint8 faces shaped like LFW crops (speed does not depend on the
 pixels), every path yielding the same batches (`minusface.batches`):
@@ -16,7 +16,6 @@ pixels), every path yielding the same batches (`minusface.batches`):
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -27,16 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from minusface.batches import iterate_batches  # noqa: E402
-from minusface.generator import UNetGenerator  # noqa: E402
-from minusface.presets import get_preset  # noqa: E402
-from minusface.runtime import tune_allocator  # noqa: E402
-from minusface.trainer import build_models, make_optimizer, train_epoch, train_step  # noqa: E402
-from train_step import median_seconds, sync  # noqa: E402
+from bench.common import arg_parser, markdown_table, median_seconds, provenance, sync
+from minusface.batches import iterate_batches
+from minusface.generator import UNetGenerator
+from minusface.presets import get_preset
+from minusface.runtime import tune_allocator
+from minusface.trainer import build_models, make_optimizer, train_epoch, train_step
 
 PATHS = {"host": False, "staged": True}
 
@@ -93,6 +88,7 @@ def epoch_rates(recipe: str, preset_name: str, device: torch.device, steps: int,
 
 def run(preset_name: str, recipes: list[str], batches: list[int], device: torch.device,
         steps: int, rounds: int, workers: int, classes: int) -> dict:
+    """Both measurements for one preset: loader alone per batch size, then each recipe's epoch."""
     tune_allocator()
     rng = np.random.default_rng(1)
     n = 2048
@@ -118,20 +114,22 @@ def run(preset_name: str, recipes: list[str], batches: list[int], device: torch.
 
 
 def table_loader(rows: list[dict]) -> str:
-    lines = ["| batch | host path img/s | staged path img/s |", "|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['host']:,.0f} | {r['staged']:,.0f} |" for r in rows]
-    return "\n".join(lines)
+    """Loader-only img/s per batch size and path."""
+    return markdown_table(["batch", "host path img/s", "staged path img/s"],
+                          [[r["batch"], f"{r['host']:,.0f}", f"{r['staged']:,.0f}"] for r in rows])
 
 
 def table_epochs(rows: list[dict]) -> str:
-    lines = ["| recipe | preset | batch | step alone img/s | epoch, host path img/s | "
-             "epoch, staged path img/s | epoch time beyond the steps, host / staged |", "|---|---|---|---|---|---|---|"]
+    """Epoch img/s per path against the step alone, and the share the loader may take."""
+    cells = []
     for r in rows:
         h, s = (r["epoch_img_per_s"][p] for p in PATHS)
-        lines.append(f"| {r['recipe']} | {r['preset']} | {r['batch']} | {r['step_img_per_s']:.1f} | "
-                     f"{_span(h)} | {_span(s)} | {100 * r['host_overhead']:.1f}% / "
-                     f"{100 * r['staged_overhead']:.1f}% |")
-    return "\n".join(lines)
+        cells.append([r["recipe"], r["preset"], r["batch"], f"{r['step_img_per_s']:.1f}",
+                      _span(h), _span(s),
+                      f"{100 * r['host_overhead']:.1f}% / {100 * r['staged_overhead']:.1f}%"])
+    return markdown_table(["recipe", "preset", "batch", "step alone img/s",
+                           "epoch, host path img/s", "epoch, staged path img/s",
+                           "epoch time beyond the steps, host / staged"], cells)
 
 
 def _span(v: list[float]) -> str:
@@ -146,7 +144,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.data_loading", __doc__)
     ap.add_argument("--preset", default="cpu-small")
     ap.add_argument("--recipes", nargs="+", default=["baseline", "stage1", "stage2"])
     ap.add_argument("--batches", nargs="+", type=int, default=None,
@@ -165,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (40 if device.type == "cuda" else 8)
     res = run(args.preset, args.recipes, batches, device, steps, args.rounds, args.workers,
               args.classes)
-    print(f"\n{res['device']}, {args.workers} gather threads\n" + table_loader(res["loader"])
+    print(f"\n{provenance()}; {res['device']}, {args.workers} gather threads\n"
+          + table_loader(res["loader"])
           + "\n\n" + table_epochs(res["epochs"]))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

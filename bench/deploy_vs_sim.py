@@ -1,6 +1,6 @@
 """Deployment vs simulation round time for the same work (issue 6).
 
-    python bench/deploy_vs_sim.py [--nodes 3] [--rounds 1 1]
+    python -m bench.deploy_vs_sim [--nodes 3] [--rounds 1 1]
 
 Runs the same run config twice, one after the other: once as a TLS + node-auth deployment on
 loopback (`minusfed deploy local`: SuperLink + N SuperNodes, each message handled by a fresh
@@ -12,40 +12,33 @@ round's wall time (the ServerApp's `round_seconds`) and the sum of the sites' ow
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from federation.deploy.local import deploy_local  # noqa: E402
-from simulation.launch import run_simulation  # noqa: E402
+from bench.common import arg_parser, markdown_table, provenance
+from federation.deploy.local import deploy_local
+from federation.report import read_run_log
+from simulation.launch import run_simulation
 
 
 def rounds_of(out: Path) -> list[dict]:
-    rows, clients = [], {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "client" in rec:
-            m = rec["client"].get("metrics", {})
-            clients[rec["round"]] = clients.get(rec["round"], 0.0) + float(m.get("client_seconds", 0.0))
-        else:
-            rows.append({"round": rec["round"], "stage": rec["stage"],
-                         "round_seconds": rec["metrics"]["round_seconds"]})
-    for r in rows:
-        r["client_seconds"] = clients.get(r["round"], 0.0)
-    return rows
+    """Per round of the run in `out`: stage, the ServerApp's round wall time and the sum of
+    the sites' own handler time."""
+    rounds, replies = read_run_log(out)
+    clients: dict[int, float] = {}
+    for rec in replies:
+        m = rec["client"].get("metrics", {})
+        clients[rec["round"]] = clients.get(rec["round"], 0.0) + float(m.get("client_seconds", 0.0))
+    return [{"round": r["round"], "stage": r["stage"],
+             "round_seconds": r["metrics"]["round_seconds"],
+             "client_seconds": clients.get(r["round"], 0.0)} for r in rounds]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.deploy_vs_sim", __doc__)
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--rounds", type=int, nargs=2, default=[1, 1], metavar=("STAGE1", "STAGE2"))
     ap.add_argument("--out", type=Path, default=None)
@@ -67,17 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     results["simulation (Ray, 1 CPU per site)"] = {"status": sim.status,
                                                    "wall": time.perf_counter() - t,
                                                    "rounds": rounds_of(base / "sim")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    print(f"{platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, commit "
-          f"{commit}, {time.strftime('%Y-%m-%d')}; {args.nodes} sites, tiny, "
-          f"{args.rounds[0]} + {args.rounds[1]} rounds")
-    print("| transport | status | total wall | round | stage | round wall | sites' own time (sum) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        for row in r["rounds"]:
-            print(f"| {name} | {r['status']} | {r['wall']:.0f} s | {row['round']} | {row['stage']} | "
-                  f"{row['round_seconds']:.1f} s | {row['client_seconds']:.1f} s |")
+    print(f"{provenance()}; {args.nodes} sites, tiny, {args.rounds[0]} + {args.rounds[1]} rounds")
+    print(markdown_table(
+        ["transport", "status", "total wall", "round", "stage", "round wall",
+         "sites' own time (sum)"],
+        [[name, r["status"], f"{r['wall']:.0f} s", row["round"], row["stage"],
+          f"{row['round_seconds']:.1f} s", f"{row['client_seconds']:.1f} s"]
+         for name, r in results.items() for row in r["rounds"]]))
     (base / "deploy-vs-sim.json").write_text(json.dumps(results, indent=2))
     ok = all(str(r["status"]).endswith("completed") for r in results.values())
     return 0 if ok else 1

@@ -1,6 +1,6 @@
 """Accuracy cost of central DP: the same in-process federation without and with DP.
 
-    python bench/dp_cost.py --preset tiny --noise-multiplier 0.5 | tee runs/dp-cost.txt
+    python -m bench.dp_cost --preset tiny --noise-multiplier 0.5 | tee runs/dp-cost.txt
 
 1. Baseline run (DP off).  Every train reply's update norm (L2 of reply - sent over the float
    arrays: exactly what `fixedclipping_mod` clips) is measured on the way back.
@@ -13,126 +13,90 @@ from observed norms is itself not private: it is a benchmark convenience, not a 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import flwr  # noqa: E402
-import torch  # noqa: E402
-
-import simulation.inprocess as ip  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw_112_centercrop"
-
-
-def commit() -> str:
-    """HEAD's commit read from .git (no git subprocess)."""
-    git = ROOT / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[5:]
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()[:12] + f" ({ref.rsplit('/', 1)[-1]})"
-        packed = git / "packed-refs"
-        for line in packed.read_text().splitlines() if packed.is_file() else []:
-            if line.endswith(" " + ref):
-                return line.split()[0][:12] + f" ({ref.rsplit('/', 1)[-1]})"
-    except OSError:
-        pass
-    return "unknown"
+import simulation.inprocess as ip
+from bench.common import (
+    DATA_HELP,
+    RUNS,
+    arg_parser,
+    data_path,
+    git_commit,
+    machine,
+    markdown_table,
+)
+from federation.report import read_run_log
+from minusface.presets import PRESETS, get_preset
+from task.models import initial_arrays
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()} | {cpu} | {os.cpu_count()} CPUs (load {load:.1f}) | "
-            f"Python {platform.python_version()} | torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads) | flwr {flwr.__version__}")
+def update_norm(sent: Message, reply: Message) -> float:
+    """L2 norm of reply - sent over the floating-point arrays (what `fixedclipping_mod` clips)."""
+    ref = {k: v.numpy() for k, v in sent.content["arrays"].items()}
+    total = 0.0
+    for key, arr in reply.content["arrays"].items():
+        if ref[key].dtype.kind == "f":
+            total += float(np.sum((arr.numpy().astype(np.float64) - ref[key]) ** 2))
+    return total ** 0.5
 
 
-def measure_update_norms(norms: list[tuple[str, float]]):
-    """Patch InProcessGrid.send_and_receive to record each train reply's update norm."""
+@contextmanager
+def observed_grid(norms: list[tuple[str, float]] | None,
+                  errors: list[tuple[str, str]]) -> Iterator[None]:
+    """While active, every `InProcessGrid` turns a ClientApp exception into an error reply, as
+    Flower's runtime does (a site whose training diverges on a noised model must not end the
+    run), noting it in `errors`; with `norms`, it also records each train reply's update norm."""
     original = ip.InProcessGrid.send_and_receive
 
-    def recording(self, messages, *, timeout=None):
+    def tolerant(app):
+        def call(msg: Message, ctx) -> Message:
+            try:
+                return app(msg, ctx)
+            except Exception as exc:  # noqa: BLE001 - mirrors the runtime
+                errors.append((str(msg.content["config"].get("stage", "?")),
+                               f"{type(exc).__name__}: {exc}"[:160]))
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                     reason=f"{type(exc).__name__}: {exc}"[:300]), reply_to=msg)
+        return call
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        if not getattr(self, "_tolerant", False):
+            self.client_app, self._tolerant = tolerant(self.client_app), True
         messages = list(messages)
         sent = {m.metadata.dst_node_id: m for m in messages}
         replies = list(original(self, messages, timeout=timeout))
-        for reply in replies:
+        for reply in replies if norms is not None else ():
             msg = sent.get(reply.metadata.src_node_id)
-            if (msg is None or reply.has_error() or msg.metadata.message_type != "train"
-                    or "arrays" not in reply.content):
-                continue
-            ref = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            total = 0.0
-            for key, arr in reply.content["arrays"].items():
-                if ref[key].dtype.kind == "f":
-                    total += float(np.sum((arr.numpy().astype(np.float64) - ref[key]) ** 2))
-            norms.append((str(msg.content["config"]["stage"]), total ** 0.5))
+            if (msg is not None and not reply.has_error()
+                    and msg.metadata.message_type == "train" and "arrays" in reply.content):
+                norms.append((str(msg.content["config"]["stage"]), update_norm(msg, reply)))
         return replies
 
-    ip.InProcessGrid.send_and_receive = recording
-    return original
+    ip.InProcessGrid.send_and_receive = send_and_receive
+    try:
+        yield
+    finally:
+        ip.InProcessGrid.send_and_receive = original
 
 
-CLIENT_ERRORS: list[tuple[str, str]] = []
+def accuracy(metrics: dict) -> str:
+    """Server accuracy ± its spread over the 10 sub-folds, in percent."""
+    return f"{100 * metrics['server_accuracy']:.2f} ± {100 * metrics['server_accuracy_std']:.2f}"
 
 
-def tolerate_client_errors():
-    """As Flower's runtime does (and unlike InProcessGrid), turn a ClientApp exception into an
-    error reply: a site whose training diverges on a noised model must not end the run."""
-    from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode
-
-    original = ip.InProcessGrid.send_and_receive
-
-    def tolerant(self, messages, *, timeout=None):
-        if not getattr(self, "_tolerant", False):
-            app = self.client_app
-
-            def call(msg, ctx):
-                try:
-                    return app(msg, ctx)
-                except Exception as exc:  # noqa: BLE001 - mirrors the runtime
-                    CLIENT_ERRORS.append((str(msg.content["config"].get("stage", "?")),
-                                          f"{type(exc).__name__}: {exc}"[:160]))
-                    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                         reason=f"{type(exc).__name__}: {exc}"[:300]), reply_to=msg)
-
-            self.client_app, self._tolerant = call, True
-        return original(self, messages, timeout=timeout)
-
-    ip.InProcessGrid.send_and_receive = tolerant
-
-
-def rounds_of(out: Path) -> list[dict]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r for r in lines if "client" not in r]
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "cpu-small", "paper"])
+def main(argv: list[str] | None = None) -> int:
+    p = arg_parser("bench.dp_cost", __doc__)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--noise-multiplier", type=float, default=0.5)
     p.add_argument("--clipping-norm", type=float, default=0.0,
                    help="0 = median update norm of the baseline run")
@@ -146,34 +110,31 @@ def main() -> None:
     p.add_argument("--fraction-evaluate", type=float, default=0.0,
                    help="client-side evaluation (not reported here); 0 saves time")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--out", default="", help="absolute output folder (default runs/dp-cost-<time>)")
-    a = p.parse_args()
+    p.add_argument("--data", type=Path, default=None, help=DATA_HELP)
+    p.add_argument("--out", default="", help="output folder (default runs/dp-cost-<time>)")
+    a = p.parse_args(argv)
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(a.out or ROOT / "runs" / f"dp-cost-{stamp}").resolve()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(a.out or RUNS / f"dp-cost-{stamp}").resolve()
     base = {"preset": a.preset, "stage1-rounds": a.stage1_rounds, "stage2-rounds": a.stage2_rounds,
             "local-epochs": a.local_epochs, "fraction-train": 1.0,
-            "fraction-evaluate": a.fraction_evaluate, "data-path": str(Path(a.data).resolve()),
+            "fraction-evaluate": a.fraction_evaluate, "data-path": str(data_path(a.data)),
             "min-nodes": a.clients, "max-identities": a.max_identities,
             "server-eval-pairs": a.server_eval_pairs, "seed": a.seed}
     print("# dp_cost: accuracy cost of central DP (client-side clipping + server-side noise)")
-    print(f"date     {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
-    print(f"commit   {commit()} (working tree may hold uncommitted changes)")
+    print(f"date     {datetime.now(UTC).isoformat(timespec='seconds')}")
+    print(f"commit   {git_commit()}")
     print(f"machine  {machine()}")
     print(f"config   preset {a.preset}, {a.clients} in-process clients, rounds {a.stage1_rounds}+"
           f"{a.stage2_rounds}, local epochs {a.local_epochs}, max identities {a.max_identities}, "
           f"server eval pairs {a.server_eval_pairs}, seed {a.seed}, out {out}", flush=True)
 
-    tolerate_client_errors()
+    errors: list[tuple[str, str]] = []
     norms: list[tuple[str, float]] = []
-    original = measure_update_norms(norms)
     t0 = time.perf_counter()
     np.random.seed(a.seed)
-    try:
+    with observed_grid(norms, errors):
         ip.run_inprocess({**base, "out-dir": str(out / "no-dp")}, a.clients)
-    finally:
-        ip.InProcessGrid.send_and_receive = original
     t_base = time.perf_counter() - t0
     by_stage: dict[str, list[float]] = {}
     for stage, n in norms:
@@ -186,29 +147,28 @@ def main() -> None:
 
     t0 = time.perf_counter()
     np.random.seed(a.seed)
-    ip.run_inprocess({**base, "out-dir": str(out / "dp"), "dp-noise-multiplier": a.noise_multiplier,
-                      "dp-clipping-norm": float(clip), "dp-target-delta": a.target_delta},
-                     a.clients)
+    with observed_grid(None, errors):
+        ip.run_inprocess({**base, "out-dir": str(out / "dp"),
+                          "dp-noise-multiplier": a.noise_multiplier,
+                          "dp-clipping-norm": float(clip), "dp-target-delta": a.target_delta},
+                         a.clients)
     t_dp = time.perf_counter() - t0
     ledger = json.loads((out / "dp" / "dp_ledger.json").read_text())
 
-    plain, private = rounds_of(out / "no-dp"), rounds_of(out / "dp")
+    plain, private = read_run_log(out / "no-dp")[0], read_run_log(out / "dp")[0]
     print()
-    print(f"| round | stage | no DP: server acc % | DP z={a.noise_multiplier}, C={clip:.3g}: server acc % |"
-          " no DP AUC | DP AUC |")
-    print("|---|---|---|---|---|---|")
-    for r0, r1 in zip(plain, private):
-        m0, m1 = r0["metrics"], r1["metrics"]
-        print(f"| {r0['round']} | {r0['stage']} | {100 * m0['server_accuracy']:.2f} ± "
-              f"{100 * m0['server_accuracy_std']:.2f} | {100 * m1['server_accuracy']:.2f} ± "
-              f"{100 * m1['server_accuracy_std']:.2f} | {m0['server_auc']:.4f} | {m1['server_auc']:.4f} |")
+    print(markdown_table(
+        ["round", "stage", "no DP: server acc %",
+         f"DP z={a.noise_multiplier}, C={clip:.3g}: server acc %", "no DP AUC", "DP AUC"],
+        [[r0["round"], r0["stage"],
+          accuracy(r0["metrics"]), accuracy(r1["metrics"]),
+          f"{r0['metrics']['server_auc']:.4f}", f"{r1['metrics']['server_auc']:.4f}"]
+         for r0, r1 in zip(plain, private)]))
     print()
     print(f"DP: noise std on the averaged update {ledger['noise_std']:.4g} (z*C/m, m = "
           f"{ledger['num_sampled_per_round']}), {ledger['releases']} releases, epsilon "
           f"{ledger['epsilon']:.4g} at delta {ledger['delta']:g} (client-level, replace-one, "
           f"Flower RdpAccountant)")
-    from task.models import initial_arrays
-    from minusface.presets import get_preset
     for stage in ("stage1", "stage2"):
         d = sum(v.numel() for v in initial_arrays(stage, get_preset(a.preset), a.seed).values()
                 if v.is_floating_point())
@@ -218,7 +178,7 @@ def main() -> None:
         f"{r['round']} {r['stage']}: {'released' if r.get('released') else 'NOT released'}, "
         f"averaged {len(r.get('aggregated', []))} of {len(r.get('sampled', []))}"
         for r in ledger["rounds"]))
-    for stage, error in CLIENT_ERRORS:
+    for stage, error in errors:
         print(f"  a site's ClientApp raised ({stage}), sent as an error reply: {error}")
     print(f"wall time: no DP {t_base:.0f} s, DP {t_dp:.0f} s")
     pairs = plain[-1]["metrics"]["server_eval_pairs"]
@@ -231,7 +191,8 @@ def main() -> None:
               "sites the noise added to the average (L2 above) is orders of magnitude larger than "
               "any clipped update, whatever C: DP-FedAvg needs many sites per round (the noise on "
               "the average shrinks as 1/m).")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """GPU benchmark for one lease: ceilings, protect(), training steps, FLOP fraction, LFW accuracy.
 
     bash bench/gpu.sh                      # on the GPU machine; writes $OUT (or runs/gpu)
-    python bench/gpu.py --smoke            # CPU check of the script itself (tiny sizes)
+    python -m bench.gpu --smoke            # CPU check of the script itself (tiny sizes)
 
 One 15-minute device lease (start-up included) does not fit every phase at full size.  What is
 still open needs, in this order (issue 4 first: it is that issue's last item):
@@ -16,64 +16,58 @@ Phases, each time-boxed by --budget (seconds for the whole script) and saved as 
   3. training img/s of the paper preset (IR-50, g w = 64), unprotected / stage 1 / stage 2 at
      batch 64 (paper) and 256, FLOPs counted with torch's FlopCounterMode (forward + backward),
      achieved TFLOP/s and fraction of the measured bf16 rate;
-  4. batches: the host vs the staged batch path (`bench/data_loading.py`) for gpu-small: does
+  4. batches: the host vs the staged batch path (`bench.data_loading`) for gpu-small: does
      data loading starve the GPU?
   5. torch.compile of each recipe's training step at batch 256 (stage 2, unprotected, stage 1),
      within --compile-budget;
   6. LFW View 2 fold 0, preset gpu-small: unprotected vs MinusFace centralized vs MinusFace
-     federated (10 sites), `bench/federated_lfw.py`, with epochs sized to the time left
-     (or --lfw-epochs).
+     federated (10 sites: the product's ServerApp and ClientApp in process),
+     `bench.federated_lfw`, with epochs sized to the time left (or --lfw-epochs).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from minusface.dct import decode, encode  # noqa: E402
-from minusface.frontend import MinusFaceFrontend  # noqa: E402
-from minusface.generator import UNetGenerator  # noqa: E402
-from minusface.presets import get_preset  # noqa: E402
-from minusface.trainer import autocast, build_models, make_optimizer, train_step  # noqa: E402
-from train_step import DATASHEET_BF16_TFLOPS, median_seconds, sync  # noqa: E402
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from bench import data_loading
+from bench import federated_lfw as fl
+from bench.common import RUNS, arg_parser, git_commit, median_seconds, sync, today
+from bench.train_step import DATASHEET_BF16_TFLOPS, bench_recipes
+from minusface.dct import decode, encode
+from minusface.frontend import MinusFaceFrontend
+from minusface.generator import UNetGenerator
+from minusface.presets import get_preset
+from minusface.trainer import autocast, build_models, make_optimizer, train_step
 
 
 def ceilings(device: torch.device, smoke: bool) -> dict:
+    """Measured bf16 matmul rate and device copy bandwidth: the ceilings the rest is read against."""
     n = 1024 if smoke else 8192
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    s = median_seconds(lambda: a @ b, device, iters=3 if smoke else 10, warmup=1 if smoke else 3)
+    s = median_seconds(partial(torch.matmul, a, b), device, iters=3 if smoke else 10,
+                       warmup=1 if smoke else 3)
     nbytes = (16 if smoke else 1024) * 1024 * 1024                      # 1 GiB on the GPU
     big = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(big)
-    c = median_seconds(lambda: dst.copy_(big), device, iters=3 if smoke else 10)
+    c = median_seconds(partial(dst.copy_, big), device, iters=3 if smoke else 10)
     del a, b, big, dst
     return {"matmul_tflops": 2 * n ** 3 / s / 1e12, "matmul_n": n, "matmul_dtype": str(dtype),
             "copy_gb_s": 2 * nbytes / c / 1e9}
 
 
 def bench_protect(device: torch.device, smoke: bool, width: int) -> dict:
+    """protect() img/s per batch, with and without registration; e, d, g alone; bf16 error."""
     fe = MinusFaceFrontend(width=width).to(device).eval()
     if device.type == "cuda":
         fe = fe.to(memory_format=torch.channels_last)
@@ -84,7 +78,7 @@ def bench_protect(device: torch.device, smoke: bool, width: int) -> dict:
             faces = torch.rand(b, 3, 112, 112, device=device) * 2 - 1
             iters = 3 if smoke else (50 if b == 1 else 20)
             for register in (True, False):
-                s = median_seconds(lambda: fe.protect(faces, register=register), device, iters)
+                s = median_seconds(partial(fe.protect, faces, register=register), device, iters)
                 out["rows"].append({"batch": b, "registered": register, "ms_per_batch": 1e3 * s,
                                     "img_per_s": b / s})
         b = batches[-1]
@@ -107,7 +101,7 @@ def bench_protect(device: torch.device, smoke: bool, width: int) -> dict:
 
 
 def bench_train(device: torch.device, smoke: bool, peak_tflops: float, classes: int) -> list[dict]:
-    from train_step import bench_recipes
+    """Training img/s of the paper preset's three recipes (bench.train_step)."""
     return bench_recipes("tiny" if smoke else "paper", (2, 4) if smoke else (64, 256), device,
                          classes, iters=3 if smoke else 12, warmup=1 if smoke else 3,
                          peak_tflops=peak_tflops)
@@ -138,7 +132,7 @@ def bench_compile(device: torch.device, smoke: bool, peak_tflops: float, classes
         train_step(models, x, y, opt, device)
         sync(device)
         compile_s = time.perf_counter() - t0
-        s = median_seconds(lambda: train_step(models, x, y, opt, device), device,
+        s = median_seconds(partial(train_step, models, x, y, opt, device), device,
                            iters=3 if smoke else 12, warmup=2)
         eager = next((r for r in eager_rows if r["recipe"] == recipe and r["batch"] == batch), None)
         row = {"recipe": recipe, "batch": batch, "compile_seconds": compile_s,
@@ -155,8 +149,7 @@ def bench_compile(device: torch.device, smoke: bool, peak_tflops: float, classes
 
 
 def bench_loader(device: torch.device, smoke: bool) -> dict:
-    """Host vs staged batch path (bench/data_loading.py) for the preset the LFW phase trains."""
-    import data_loading
+    """Host vs staged batch path (bench.data_loading) for the preset the LFW phase trains."""
     if smoke:
         return data_loading.run("tiny", ["baseline"], [8], device, steps=3, rounds=1, workers=2,
                                 classes=100)
@@ -165,8 +158,9 @@ def bench_loader(device: torch.device, smoke: bool) -> dict:
 
 
 def fmt_tables(res: dict) -> str:
-    lines = [f"GPU benchmark: {res['device_name']}, torch {res['torch']}, commit {res['commit']}, "
-             f"{res['date']}"]
+    """Every phase's results so far, as text and Markdown tables."""
+    lines = [(f"GPU benchmark: {res['device_name']}, torch {res['torch']}, "
+              f"commit {res['commit']}, {res['date']}")]
     c = res.get("ceilings")
     if c:
         lines.append(f"measured ceilings: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s "
@@ -198,7 +192,6 @@ def fmt_tables(res: dict) -> str:
                         if "fraction_of_measured_peak" in comp else ""))
     ld = res.get("loader")
     if ld:
-        import data_loading
         lines += ["", f"batches: host vs staged path ({ld['workers']} gather threads)",
                   data_loading.table_loader(ld["loader"]), "", data_loading.table_epochs(ld["epochs"])]
     for key in ("errors",):
@@ -208,8 +201,8 @@ def fmt_tables(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu")
+    ap = arg_parser("bench.gpu", __doc__)
+    ap.add_argument("--out", type=Path, default=RUNS / "gpu")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole script")
     ap.add_argument("--data", type=Path, default=None, help="LFW folder for the accuracy phase")
     ap.add_argument("--work", type=Path, default=None,
@@ -235,14 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     res: dict = {"device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else
                  platform.processor() or platform.machine(),
-                 "torch": torch.__version__, "commit": commit(), "date": time.strftime("%Y-%m-%d"),
+                 "torch": torch.__version__, "commit": git_commit(), "date": today(),
                  "host": platform.node(), "errors": {}}
 
     def save() -> None:
         (args.out / "gpu.json").write_text(json.dumps(res, indent=2, default=str))
         (args.out / "gpu.md").write_text(fmt_tables(res) + "\n")
 
-    def phase(name: str, fn) -> None:
+    def phase(name: str, fn: Callable[[], object]) -> None:
         if name in skip:
             return
         t = time.time()
@@ -270,11 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.data is not None and "lfw" not in skip:
         def lfw() -> dict:
-            import federated_lfw as fl
             preset = "tiny" if args.smoke else "gpu-small"
             epochs = args.lfw_epochs
             if epochs is None:
-                epochs = size_epochs(device, fl, preset, deadline - time.time() - args.lfw_reserve)
+                epochs = size_epochs(device, preset, deadline - time.time() - args.lfw_reserve)
             print(f"LFW accuracy phase: preset {preset}, {epochs} epochs per recipe", flush=True)
             extra = ["--max-identities", "20", "--clients", "3", "--max-pairs", "40"] if args.smoke else []
             return fl.main(["--preset", preset, "--epochs", str(epochs), "--data", str(args.data),
@@ -286,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + fmt_tables(res))
     lfw_res = res.get("lfw")
     if lfw_res:
-        import federated_lfw as fl
         print("\nLFW View 2 fold 0 (centre crops, trained on LFW only), preset "
               f"{lfw_res['preset']['name']}, {lfw_res['preset']['epochs']} epochs:")
         print(fl.table(lfw_res["rows"]))
@@ -294,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def size_epochs(device: torch.device, fl, preset_name: str, seconds: float) -> int:
+def size_epochs(device: torch.device, preset_name: str, seconds: float) -> int:
     """Epochs per recipe that fit `seconds` for all five trainings, from a short timing of each
-    recipe's step at the preset's batch size (images per epoch: LFW fold-0 split, ~9k)."""
+    recipe's step at the preset's batch size (images per epoch: LFW fold-0 split, ~9k), plus
+    the federated run's server-side evaluation after every round (on the CPU, as the ServerApp
+    does: ~1,200 images of the fold's 600 pairs, each with its flip)."""
     preset = get_preset(preset_name)
     per_img = {}
     generator = UNetGenerator(width=preset.generator_width)
@@ -308,12 +301,20 @@ def size_epochs(device: torch.device, fl, preset_name: str, seconds: float) -> i
         b = preset.batch_size
         x = torch.rand(b, 3, 112, 112, device=device) * 2 - 1
         y = torch.randint(0, 1000, (b,), device=device)
-        per_img[recipe] = median_seconds(lambda: train_step(models, x, y, opt, device), device,
+        per_img[recipe] = median_seconds(partial(train_step, models, x, y, opt, device), device,
                                          iters=5, warmup=3) / b
+    cpu_models = build_models("stage2", preset, 2, generator=generator).eval()
+    faces = torch.rand(16, 3, 112, 112) * 2 - 1
+    transform = cpu_models.transform()
+    with torch.no_grad():
+        cpu_per_img = median_seconds(lambda: cpu_models.recognizer(transform(faces)),
+                                     iters=2, warmup=1) / len(faces)
     n = 9000 if preset_name != "tiny" else 100
+    eval_images = 2 * (1200 if preset_name != "tiny" else 40)
     r = preset.repeat
     central = n * (r * per_img["baseline"] + per_img["stage1"] + r * per_img["stage2"])
-    federated = n * (per_img["stage1"] + r * per_img["stage2"]) + 2 * 10 * 0.4   # + site rebuilds
+    federated = (n * (per_img["stage1"] + r * per_img["stage2"]) + 2 * 10 * 0.4   # site rebuilds
+                 + 2 * eval_images * cpu_per_img)                    # server eval, both stages
     per_epoch = (central + federated) * 1.15                                 # + evaluation, loading
     epochs = int(max(1, min(preset.epochs * 2, seconds // max(per_epoch, 1e-9))))
     print(f"sizing: {per_epoch:.1f} s per epoch of all recipes -> {epochs} epochs in {seconds:.0f} s",

@@ -18,5 +18,5 @@ fi
 if [[ -z "$DATA" && -d ../shared/data/lfw_112_centercrop ]]; then DATA=../shared/data/lfw_112_centercrop; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv || true
 export PYTHONUNBUFFERED=1
-"$PY" bench/gpu.py --out "$OUT_DIR" --work /tmp/minusfed-gpu ${DATA:+--data "$DATA"} "$@" 2>&1 \
+"$PY" -m bench.gpu --out "$OUT_DIR" --work /tmp/minusfed-gpu ${DATA:+--data "$DATA"} "$@" 2>&1 \
   | tee "$OUT_DIR/gpu.log"

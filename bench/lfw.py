@@ -1,7 +1,7 @@
 """LFW verification benchmark: unprotected ArcFace vs MinusFace, trained centrally, one fold.
 
-    python bench/lfw.py --preset cpu-small --fold 0            # View 2 fold 0 (report)
-    python bench/lfw.py --preset tiny --view1                  # View 1 DevTest (tuning)
+    python -m bench.lfw --preset cpu-small --fold 0            # View 2 fold 0 (report)
+    python -m bench.lfw --preset tiny --view1                  # View 1 DevTest (tuning)
 
 Trains on every identity not in the test pairs (identity-disjoint), then evaluates the test
 pairs with flip TTA (10 sub-folds of the fold's 600 pairs).  Re-running with the same --out
@@ -11,10 +11,7 @@ results.json.  Label every number: LFW, centre-cropped, not aligned, trained on 
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,43 +19,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clients.data import FaceDataset, load_faces, pair_index, view1_split, view2_fold_split  # noqa: E402
-from minusface.presets import get_preset  # noqa: E402
-from minusface.trainer import Trainer, build_models, evaluate_verification  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw_112_centercrop"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from bench.common import (
+    DATA_HELP,
+    RUNS,
+    arg_parser,
+    data_path,
+    git_commit,
+    markdown_table,
+    provenance,
+)
+from clients.data import (
+    FaceDataset,
+    load_faces,
+    pair_index,
+    view1_split,
+    view2_fold_split,
+)
+from minusface.presets import get_preset
+from minusface.trainer import Trainer, build_models, evaluate_verification
 
 
 def summarise(name: str, m: dict, seconds: float) -> dict:
+    """The row of one recipe: accuracy, AUC, TAR at two FARs and its training time."""
     return {"recipe": name, "accuracy": m["accuracy"], "accuracy_std": m["accuracy_std"],
             "auc": m["auc"], "tar@1e-2": m["tar_at_far"][0.01]["tar"],
             "tar@1e-3": m["tar_at_far"][0.001]["tar"], "train_seconds": seconds}
 
 
 def table(rows: list[dict], gap: float | None) -> str:
-    out = ["| recipe | accuracy % | AUC | TAR@FAR=1e-2 | TAR@FAR=1e-3 | train time |",
-           "|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['recipe']} | {100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f} | "
-                   f"{r['auc']:.4f} | {r['tar@1e-2']:.3f} | {r['tar@1e-3']:.3f} | "
-                   f"{r['train_seconds'] / 60:.1f} min |")
+    """The results table, and MinusFace's gap to the unprotected recipe."""
+    out = markdown_table(
+        ["recipe", "accuracy %", "AUC", "TAR@FAR=1e-2", "TAR@FAR=1e-3", "train time"],
+        [[r["recipe"], f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f}",
+          f"{r['auc']:.4f}", f"{r['tar@1e-2']:.3f}", f"{r['tar@1e-3']:.3f}",
+          f"{r['train_seconds'] / 60:.1f} min"] for r in rows])
     if gap is not None:
-        out.append(f"\nMinusFace gap to the unprotected twin: {gap:+.2f} points")
-    return "\n".join(out)
+        out += f"\n\nMinusFace gap to the unprotected twin: {gap:+.2f} points"
+    return out
 
 
 def train_seconds(out: Path) -> float:
+    """Seconds the Trainer logged for a recipe (its epochs, across resumes)."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return 0.0
@@ -66,11 +67,11 @@ def train_seconds(out: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.lfw", __doc__)
     ap.add_argument("--preset", default="cpu-small")
     ap.add_argument("--fold", type=int, default=0, help="View 2 fold (0-9) to test on")
     ap.add_argument("--view1", action="store_true", help="tune on View 1 (pairsDevTest) instead")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--data", type=Path, default=None, help=DATA_HELP)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     ap.add_argument("--max-identities", type=int, default=None, help="subsample (smoke runs)")
@@ -82,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None:
         preset = preset.with_(epochs=args.epochs)
     split = "view1" if args.view1 else f"fold{args.fold}"
-    out = (args.out or ROOT / "runs" / f"lfw-{preset.name}-{split}").resolve()
+    out = (args.out or RUNS / f"lfw-{preset.name}-{split}").resolve()
+    data = data_path(args.data)
     out.mkdir(parents=True, exist_ok=True)
-    train_ids, pairs = (view1_split(args.data, preset.min_images_per_identity) if args.view1
-                        else view2_fold_split(args.data, args.fold, preset.min_images_per_identity))
+    train_ids, pairs = (view1_split(data, preset.min_images_per_identity) if args.view1
+                        else view2_fold_split(data, args.fold, preset.min_images_per_identity))
     if preset.max_images_per_identity:
         train_ids = {n: sorted(v)[:preset.max_images_per_identity] for n, v in train_ids.items()}
     if args.max_identities:
@@ -130,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     gap = 100 * (rows[0]["accuracy"] - rows[2]["accuracy"])
     text = table([reference] + rows, gap)
     print("\nLFW, centre-cropped, not aligned, trained on LFW only; "
-          f"{split}, preset {preset.name}, commit {git_commit()}, {platform.node()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{split}, preset {preset.name}; {provenance()}; "
           f"total {(time.perf_counter() - t_all) / 60:.1f} min")
     print(text)
     (out / "results.json").write_text(json.dumps({

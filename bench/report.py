@@ -1,7 +1,7 @@
 """Gather the latest benchmark results into the README's "Results" section.
 
-    python bench/report.py            # print the section
-    python bench/report.py --write    # replace it in README.md (between the results markers)
+    python -m bench.report            # print the section
+    python -m bench.report --write    # replace it in README.md (between the results markers)
 
 Reads `bench/results/*.json`: each file is one benchmark run saved with the command that
 produced it, the machine, the date and the commit ({"kind", "command", "machine", "date",
@@ -11,17 +11,19 @@ per kind picks the headline numbers.  Every row printed carries its machine, dat
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT, arg_parser, markdown_table
+
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
-Row = tuple[str, str, str, str]          # (section, measurement, value, source key)
+Row = tuple[str, str, str]          # (section, measurement, value)
+OLD_FEDERATED = ("; numbers from the old loop that re-implemented the server, not the ServerApp: "
+                 "rerun needed")
 
 
 def _pct(x: float) -> str:
@@ -33,44 +35,46 @@ def gpu(d: dict) -> list[Row]:
     c = d.get("ceilings", {})
     if c:
         rows.append(("speed", "measured bf16 matmul / device copy",
-                     f"{c['matmul_tflops']:.0f} TFLOP/s / {c['copy_gb_s']:.0f} GB/s", ""))
+                     f"{c['matmul_tflops']:.0f} TFLOP/s / {c['copy_gb_s']:.0f} GB/s"))
     p = d.get("protect", {})
     for r in p.get("rows", []):
         if r["batch"] in (1, 256):
-            rows.append(("speed", f"protect() img/s, batch {r['batch']}, "
-                         f"{'registered for shipping' if r['registered'] else 'on-GPU use'}",
-                         f"{r['img_per_s']:,.0f}", ""))
+            rows.append(("speed", (f"protect() img/s, batch {r['batch']}, "
+                                   f"{'registered for shipping' if r['registered'] else 'on-GPU use'}"),
+                         f"{r['img_per_s']:,.0f}"))
     if p:
         rows.append(("speed", f"(e + d) / g at batch {p['stages_batch']} (target 0.05)",
-                     f"{p['e_plus_d_over_g']:.2f}", ""))
+                     f"{p['e_plus_d_over_g']:.2f}"))
     for r in d.get("train", []):
         if r["batch"] == 256:
-            rows.append(("speed", f"training {r['recipe']} ({r['preset']}, batch 256) img/s, "
-                         "% of measured bf16 peak",
-                         f"{r['img_per_s']:,.0f}, {100 * r['fraction_of_measured_peak']:.1f} %", ""))
+            rows.append(("speed", (f"training {r['recipe']} ({r['preset']}, batch 256) img/s, "
+                                   "% of measured bf16 peak"),
+                         f"{r['img_per_s']:,.0f}, {100 * r['fraction_of_measured_peak']:.1f} %"))
     return rows
 
 
 def federated_lfw(d: dict) -> list[Row]:
+    """A run without "federated_path" predates the benchmark's use of the real ServerApp."""
     ep = d["preset"]["epochs"]
-    return [("accuracy", f"LFW fold 0, {d['preset']['name']}, {ep} epochs: {name}",
-             f"{_pct(r['accuracy'])} (AUC {r['auc']:.3f})", "")
+    old = "" if "federated_path" in d else OLD_FEDERATED
+    return [("accuracy", f"LFW fold 0, {d['preset']['name']}, {ep} epochs: {name}"
+             + (old if "federated" in name else ""), f"{_pct(r['accuracy'])} (AUC {r['auc']:.3f})")
             for name, r in d["rows"].items() if "accuracy" in r]
 
 
 def stage2_probe(d: dict) -> list[Row]:
     rows = [("accuracy", f"LFW fold 0, {d['preset']}: stage 1 ({d['stage1_epochs']} epochs), f on r",
-             f"{_pct(d['stage1']['accuracy'])} (AUC {d['stage1']['auc']:.3f})", "")]
+             f"{_pct(d['stage1']['accuracy'])} (AUC {d['stage1']['auc']:.3f})")]
     if d.get("curve"):
         last = d["curve"][-1]
-        rows.append(("accuracy", f"LFW fold 0, {d['preset']}: f_p on X_p after {last['epoch']} "
-                     "stage-2 epochs", f"{_pct(last['accuracy'])} (AUC {last['auc']:.3f})", ""))
+        rows.append(("accuracy", (f"LFW fold 0, {d['preset']}: f_p on X_p after {last['epoch']} "
+                     "stage-2 epochs"), f"{_pct(last['accuracy'])} (AUC {last['auc']:.3f})"))
     return rows
 
 
 def lfw(d: dict) -> list[Row]:
     return [("accuracy", f"LFW {d['split']}, {d['preset']['name']}: {r['recipe']}",
-             f"{_pct(r['accuracy'])} (AUC {r['auc']:.3f})", "") for r in d["rows"]]
+             f"{_pct(r['accuracy'])} (AUC {r['auc']:.3f})") for r in d["rows"]]
 
 
 def simulation(d: list) -> list[Row]:
@@ -79,23 +83,24 @@ def simulation(d: list) -> list[Row]:
         value = (f"{r['status']}, {r['wall_seconds']:.0f} s wall, peak RSS {r['peak_rss_gb']:.2f} GB")
         if "overhead_seconds_per_round" in r:
             value += f", overhead {r['overhead_seconds_per_round']:.1f} s / round"
-        rows.append(("scale", f"`flwr run` simulation, {r['clients']} virtual clients, "
-                     f"{r['sampled']} sampled / round, {r['rounds']} rounds (tiny)", value, ""))
+        rows.append(("scale", (f"`flwr run` simulation, {r['clients']} virtual clients, "
+                     f"{r['sampled']} sampled / round, {r['rounds']} rounds (tiny)"), value))
     return rows
 
 
 def generic(d: dict) -> list[Row]:
     """Files that carry their own headline rows: {"rows": [{"section", "measurement", "value"}]}."""
-    return [(r["section"], r["measurement"], r["value"], "") for r in d.get("rows", [])]
+    return [(r["section"], r["measurement"], r["value"]) for r in d.get("rows", [])]
 
 
-RENDERERS: dict[str, Callable] = {"gpu": gpu, "federated_lfw": federated_lfw,
+RENDERERS: dict[str, Callable[..., list[Row]]] = {"gpu": gpu, "federated_lfw": federated_lfw,
                                   "stage2_probe": stage2_probe, "lfw": lfw,
                                   "simulation": simulation, "generic": generic}
 SECTIONS = ("accuracy", "privacy", "speed", "scale")
 
 
 def load(results: Path = RESULTS) -> list[dict]:
+    """Every saved run in `results`, checked for the provenance fields and a known kind."""
     runs = []
     for path in sorted(results.glob("*.json")):
         rec = json.loads(path.read_text())
@@ -110,26 +115,25 @@ def load(results: Path = RESULTS) -> list[dict]:
 
 
 def render(runs: list[dict]) -> str:
+    """The README section: one table per section, every row with its machine, date and command."""
     out = [START, "",
-           "Generated by `python bench/report.py --write` from `bench/results/*.json`; details, "
-           "caveats and older runs are in `BENCHMARKS.md`. LFW numbers: centre-cropped, not "
-           "aligned, trained on LFW only (identity-disjoint from the test fold).", ""]
+           ("Generated by `python -m bench.report --write` from `bench/results/*.json`; details, "
+            "caveats and older runs are in `BENCHMARKS.md`. LFW numbers: centre-cropped, not "
+            "aligned, trained on LFW only (identity-disjoint from the test fold)."), ""]
     for section in SECTIONS:
-        rows = []
-        for rec in runs:
-            for sec, what, value, _ in RENDERERS[rec["kind"]](rec["data"]):
-                if sec == section:
-                    rows.append(f"| {what} | {value} | {rec['machine']}, {rec['date']} | "
-                                f"`{rec['command']}` |")
+        rows = [[what, value, f"{rec['machine']}, {rec['date']}", f"`{rec['command']}`"]
+                for rec in runs for sec, what, value in RENDERERS[rec["kind"]](rec["data"])
+                if sec == section]
         if rows:
             out += [f"**{section.capitalize()}**", "",
-                    "| measurement | value | machine, date | reproduce with |",
-                    "|---|---|---|---|", *rows, ""]
+                    markdown_table(["measurement", "value", "machine, date", "reproduce with"],
+                                   rows), ""]
     out.append(END)
     return "\n".join(out)
 
 
 def write_readme(section: str, readme: Path) -> None:
+    """Replace the section between the markers in `readme` (or append it under "## Results")."""
     text = readme.read_text()
     if START in text and END in text:
         head, rest = text.split(START, 1)
@@ -141,7 +145,7 @@ def write_readme(section: str, readme: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.report", __doc__)
     ap.add_argument("--write", action="store_true", help="update README.md in place")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")

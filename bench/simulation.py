@@ -1,6 +1,6 @@
 """Flower + Ray simulation at scale: wall time, per-round overhead and peak memory for N clients.
 
-    python bench/simulation.py [--clients 10 100 1000] [--sampled 10] [--rounds 3]
+    python -m bench.simulation [--clients 10 100 1000] [--sampled 10] [--rounds 3]
 
 Each N runs `flwr run .` once on a private simulation SuperLink (`simulation.launch`), preset
 tiny, LFW fold-0 training identities partitioned uniformly over the N virtual clients,
@@ -19,108 +19,57 @@ once per process, so it overestimates).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from simulation.launch import run_simulation  # noqa: E402
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
+from bench.common import (
+    PeakSampler,
+    arg_parser,
+    descendants,
+    markdown_table,
+    provenance,
+    sum_kb,
+)
+from federation.report import read_run_log
+from simulation.launch import run_simulation
 
 
-def tree_rss(root: int) -> int:
-    """Resident bytes of `root` and all its descendants."""
-    tree, total, stack = _children(), 0, [root]
-    while stack:
-        pid = stack.pop()
-        try:
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * PAGE
-        except (OSError, IndexError, ValueError):
-            pass
-        stack.extend(tree.get(pid, []))
-    return total
-
-
-class PeakTreeRss(threading.Thread):
-    """Samples the resident memory of every process started below this one (the SuperLink and
-    everything it spawns) until stopped; `peak` is the largest sum seen."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._halt = interval, 0, threading.Event()
-
-    def run(self) -> None:
-        me = os.getpid()
-        while not self._halt.is_set():
-            self.peak = max(self.peak, tree_rss(me) - own_rss())
-            self._halt.wait(self.interval)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return self.peak
-
-
-def own_rss() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * PAGE
+def descendants_rss_kb() -> int:
+    """Resident memory of every process started below this one (the SuperLink and all it
+    spawns), kB."""
+    return sum_kb("VmRSS", descendants(os.getpid()))
 
 
 def round_stats(out_dir: Path) -> dict:
-    rounds, clients = [], {}
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "client" in rec:
-            m = rec["client"].get("metrics", {})
-            clients.setdefault(rec["round"], []).append(float(m.get("client_seconds", 0.0)))
-        elif "round_seconds" in rec.get("metrics", rec):
-            rounds.append(rec.get("metrics", rec))
-    return {"round_seconds": [r["round_seconds"] for r in rounds],
-            "client_seconds": [sum(clients.get(i + 1, [])) for i in range(len(rounds))],
-            "clients_per_round": [len(clients.get(i + 1, [])) for i in range(len(rounds))]}
+    """Per round: the ServerApp's wall time, the sampled sites' summed handler time and how
+    many sites replied."""
+    rounds, replies = read_run_log(out_dir)
+    clients: dict[int, list[float]] = {}
+    for rec in replies:
+        m = rec["client"].get("metrics", {})
+        clients.setdefault(rec["round"], []).append(float(m.get("client_seconds", 0.0)))
+    return {"round_seconds": [r["metrics"]["round_seconds"] for r in rounds],
+            "client_seconds": [sum(clients.get(r["round"], [])) for r in rounds],
+            "clients_per_round": [len(clients.get(r["round"], [])) for r in rounds]}
 
 
 def run_one(n: int, sampled: int, rounds: int, cpus: int, num_cpus: int, out: Path,
             identities_per_client: int = 1) -> dict:
+    """One `flwr run` simulation with `n` virtual clients, its times and peak memory."""
     cfg = {"preset": "tiny", "stage1-rounds": rounds - 1, "stage2-rounds": 1, "local-epochs": 1,
            "fraction-train": min(1.0, sampled / n), "fraction-evaluate": 0.0, "min-nodes": 2,
            "max-identities": n * identities_per_client, "server-eval-pairs": 20,
            "out-dir": str(out)}
-    sampler = PeakTreeRss()
-    sampler.start()
     t0 = time.perf_counter()
-    try:
+    with PeakSampler(descendants_rss_kb, interval=0.2) as sampler:
         result = run_simulation(cfg, n, num_cpus=num_cpus,
                                 federation_extra={"init-args-num-cpus": cpus}, timeout=3600)
-    finally:
-        peak = sampler.stop()
     wall = time.perf_counter() - t0
+    peak = sampler.peak * 1024
     row = {"clients": n, "sampled": sampled, "rounds": rounds, "status": result.status,
            "wall_seconds": wall, "peak_rss_gb": peak / 1e9}
     if result.completed:
@@ -138,23 +87,24 @@ def run_one(n: int, sampled: int, rounds: int, cpus: int, num_cpus: int, out: Pa
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| virtual clients | sampled / round | rounds | status | wall time | mean round | "
-             "client time / round (sum) | overhead / round | peak RSS (process tree) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """One line per N; a run that did not complete shows its status and memory only."""
+    cells = []
     for r in rows:
+        head = [r["clients"], r["sampled"], r["rounds"], r["status"], f"{r['wall_seconds']:.0f} s"]
+        peak = f"{r['peak_rss_gb']:.2f} GB"
         if "mean_round_seconds" not in r:
-            lines.append(f"| {r['clients']} | {r['sampled']} | {r['rounds']} | {r['status']} | "
-                         f"{r['wall_seconds']:.0f} s | | | | {r['peak_rss_gb']:.2f} GB |")
+            cells.append([*head, "", "", "", peak])
             continue
-        lines.append(f"| {r['clients']} | {r['sampled']} | {r['rounds']} | {r['status']} | "
-                     f"{r['wall_seconds']:.0f} s | {r['mean_round_seconds']:.1f} s | "
-                     f"{r['mean_client_seconds_per_round']:.1f} s | "
-                     f"{r['overhead_seconds_per_round']:.1f} s | {r['peak_rss_gb']:.2f} GB |")
-    return "\n".join(lines)
+        cells.append([*head, f"{r['mean_round_seconds']:.1f} s",
+                      f"{r['mean_client_seconds_per_round']:.1f} s",
+                      f"{r['overhead_seconds_per_round']:.1f} s", peak])
+    return markdown_table(["virtual clients", "sampled / round", "rounds", "status", "wall time",
+                           "mean round", "client time / round (sum)", "overhead / round",
+                           "peak RSS (process tree)"], cells)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.simulation", __doc__)
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--sampled", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
@@ -173,10 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                       args.identities_per_client)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    print(f"\n{platform.node()}, {os.cpu_count()} CPUs, Ray with {args.cpus} CPUs, "
-          f"{args.num_cpus} per ClientApp, preset tiny, commit {commit}, {time.strftime('%Y-%m-%d')}")
+    print(f"\n{provenance()}; Ray with {args.cpus} CPUs, {args.num_cpus} per ClientApp, "
+          "preset tiny")
     print(table(rows))
     (base / "simulation-bench.json").write_text(json.dumps(rows, indent=2))
     return 0 if all(str(r["status"]).endswith("completed") for r in rows) else 1

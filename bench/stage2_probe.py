@@ -1,6 +1,6 @@
 """Does f_p ever learn from X_p on LFW-sized data?  Stage 1, then stage 2 with periodic evaluation.
 
-    python bench/stage2_probe.py --preset gpu-small --stage1-epochs 12 --stage2-epochs 16 \
+    python -m bench.stage2_probe --preset gpu-small --stage1-epochs 12 --stage2-epochs 16 \
         --eval-every 4 --budget 260 --data DIR --out DIR
 
 Why: on LFW fold 0 (gpu-small, 8 epochs per recipe) stage 1 (f on the residue) reached 78.5 %
@@ -11,37 +11,32 @@ stuck.  Stops cleanly at --budget seconds and still evaluates what it has.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import federated_lfw as fl  # noqa: E402
-from minusface.presets import get_preset  # noqa: E402
-from minusface.trainer import Trainer, default_device  # noqa: E402
+from bench import federated_lfw as fl
+from bench.common import DATA_HELP, RUNS, arg_parser, data_path
+from minusface.presets import get_preset
+from minusface.trainer import Trainer, default_device
 
 
 def last_metrics(run_dir: Path) -> dict:
+    """The Trainer's last metrics line of a recipe's run folder ({} if none yet)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return json.loads(lines[-1]) if lines else {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.stage2_probe", __doc__)
     ap.add_argument("--preset", default="gpu-small")
     ap.add_argument("--stage1-epochs", type=int, default=12)
     ap.add_argument("--stage2-epochs", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--budget", type=float, default=260.0)
-    ap.add_argument("--data", type=Path, default=fl.DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "stage2-probe")
+    ap.add_argument("--data", type=Path, default=None, help=DATA_HELP)
+    ap.add_argument("--out", type=Path, default=RUNS / "stage2-probe")
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--max-identities", type=int, default=None)
     ap.add_argument("--max-pairs", type=int, default=None)
@@ -51,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     device = default_device()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.results or args.out / "probe.json"
-    train, test = fl.load_split(args.data, 0, preset, args.out / "train-faces.npz",
+    train, test = fl.load_split(data_path(args.data), 0, preset, args.out / "train-faces.npz",
                                 args.max_identities, args.max_pairs)
     res: dict = {"preset": preset.name, "stage1_epochs": args.stage1_epochs,
                  "stage2_epochs": args.stage2_epochs, "train_images": train.num_images,

@@ -1,59 +1,35 @@
 """Training-step throughput: unprotected twin vs MinusFace stage 1 and stage 2, per preset and device.
 
-    python bench/train_step.py --preset cpu-small --batch 32           # CPU
-    python bench/train_step.py --preset paper --batch 64 256           # GPU (bf16 + channels_last)
+    python -m bench.train_step --preset cpu-small --batch 32           # CPU
+    python -m bench.train_step --preset paper --batch 64 256           # GPU (bf16 + channels_last)
 
 One full step each (forward, backward, SGD update) on random faces, median of --iters after
 --warmup, synchronised on CUDA.  FLOPs per image are counted once with torch's FlopCounterMode
 (convolutions and matrix products, forward + backward); on CUDA the achieved rate is compared
-with the bf16 peak (--peak-tflops, default the H100/H200 datasheet's 989).  The ratio
+with the bf16 peak (--peak-tflops, default the H100/H200 datasheet's).  The ratio
 MinusFace / unprotected img/s is the front end's training cost.
 """
 
 from __future__ import annotations
 
-import argparse
 import platform
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
+from functools import partial
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from minusface.generator import UNetGenerator  # noqa: E402
-from minusface.presets import get_preset  # noqa: E402
-from minusface.runtime import tune_allocator  # noqa: E402
-from minusface.trainer import build_models, make_optimizer, train_step  # noqa: E402
+from bench.common import arg_parser, markdown_table, median_seconds, provenance
+from minusface.generator import UNetGenerator
+from minusface.presets import Preset, get_preset
+from minusface.runtime import tune_allocator
+from minusface.trainer import Models, build_models, make_optimizer, train_step
 
 DATASHEET_BF16_TFLOPS = 989.0      # H100 / H200 SXM dense bf16 (a lead; bench/gpu.py measures)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
-    """Median wall time of `fn` (device-synchronised before and after each call)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def count_flops(models, preset, device: torch.device, classes: int, batch: int = 4) -> float:
+def count_flops(models: Models, preset: Preset, device: torch.device, classes: int,
+                batch: int = 4) -> float:
     """FLOPs of one training step per image (forward + backward; the SGD update excluded)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,6 +45,7 @@ def count_flops(models, preset, device: torch.device, classes: int, batch: int =
 def bench_recipes(preset_name: str, batches: Sequence[int], device: torch.device, classes: int,
                   iters: int, warmup: int, peak_tflops: float | None = None,
                   recipes: Sequence[str] = ("baseline", "stage1", "stage2")) -> list[dict]:
+    """img/s, FLOPs per image and achieved rate of each recipe's training step per batch."""
     preset = get_preset(preset_name)
     generator = UNetGenerator(width=preset.generator_width)
     rows = []
@@ -84,7 +61,8 @@ def bench_recipes(preset_name: str, batches: Sequence[int], device: torch.device
             opt = make_optimizer(models, preset)
             x = torch.rand(batch, 3, 112, 112, device=device) * 2 - 1
             y = torch.randint(0, classes, (batch,), device=device)
-            s = median_seconds(lambda: train_step(models, x, y, opt, device), device, iters, warmup)
+            s = median_seconds(partial(train_step, models, x, y, opt, device), device, iters,
+                               warmup)
             tflops = flops * batch / s / 1e12
             row = {"recipe": recipe, "preset": preset.name, "batch": batch, "device": device.type,
                    "img_per_s": batch / s, "gflop_per_img": flops / 1e9, "tflops": tflops}
@@ -101,18 +79,17 @@ def bench_recipes(preset_name: str, batches: Sequence[int], device: torch.device
 
 
 def table(rows: list[dict]) -> str:
+    """The step table (with % of peak on a GPU) and each recipe's speed relative to baseline."""
     gpu = any("fraction_of_measured_peak" in r for r in rows)
-    head = "| recipe | preset | batch | img/s | GFLOP / img | achieved |"
-    lines = [head + (" % of peak |" if gpu else ""), "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     base = {(r["preset"], r["batch"]): r["img_per_s"] for r in rows if r["recipe"] == "baseline"}
+    cells = []
     for r in rows:
         rate = f"{r['tflops']:.1f} TFLOP/s" if r["tflops"] >= 1 else f"{1e3 * r['tflops']:.1f} GFLOP/s"
-        line = (f"| {r['recipe']} | {r['preset']} | {r['batch']} | {r['img_per_s']:.1f} | "
-                f"{r['gflop_per_img']:.2f} | {rate} |")
-        if gpu:
-            line += f" {100 * r['fraction_of_measured_peak']:.1f} |"
-        lines.append(line)
-    lines.append("")
+        cells.append([r["recipe"], r["preset"], r["batch"], f"{r['img_per_s']:.1f}",
+                      f"{r['gflop_per_img']:.2f}", rate]
+                     + ([f"{100 * r['fraction_of_measured_peak']:.1f}"] if gpu else []))
+    lines = [markdown_table(["recipe", "preset", "batch", "img/s", "GFLOP / img", "achieved"]
+                            + (["% of peak"] if gpu else []), cells), ""]
     for r in rows:
         if r["recipe"] != "baseline" and (r["preset"], r["batch"]) in base:
             lines.append(f"{r['recipe']} / unprotected ({r['preset']}, batch {r['batch']}): "
@@ -162,7 +139,7 @@ def compare(what: str, preset: str, batch: int, device: torch.device, classes: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.train_step", __doc__)
     ap.add_argument("--preset", nargs="+", default=["tiny", "cpu-small"])
     ap.add_argument("--compare-decode-backward", type=int, default=0, metavar="REPEATS",
                     help="instead: stage-1 img/s with d's adjoint vs autograd backward, "
@@ -191,11 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.preset:
         batches = args.batch or [get_preset(name).batch_size]
         rows += bench_recipes(name, batches, device, args.classes, args.iters, args.warmup, peak)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    where = torch.cuda.get_device_name(0) if device.type == "cuda" else \
-        f"{platform.node()} CPU, {torch.get_num_threads()} threads"
-    print(f"\n{where}, torch {torch.__version__}, commit {commit}, {time.strftime('%Y-%m-%d')}")
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.machine()} CPU"
+    print(f"\n{where}; {provenance()}")
     print(table(rows))
     return 0
 

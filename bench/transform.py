@@ -1,11 +1,11 @@
 """Front-end throughput on this machine: e, d, g (w = 64 and w = 16) and protect().
 
-    python bench/transform.py [--batch 32] [--repeats 3] [--threads N]
-    python bench/transform.py --compare-allocators     # every MINUSFED_ALLOCATOR mode side by side
+    python -m bench.transform [--batch 32] [--repeats 3] [--threads N]
+    python -m bench.transform --compare-allocators     # every MINUSFED_ALLOCATOR mode side by side
 
 Prints img/s per stage and the ratio (e + d) / g(w = 64), all measured side by side in one run
 (best of `repeats`), plus protect() latency at batch 1 and protect() img/s at batch 1, 32 and 256
-(--protect-batches).  GPU numbers: bench/gpu.sh.  Target (issue 1): (e + d) <= 5% of g.
+(--protect-batches).  GPU numbers: `bash bench/gpu.sh`.  Target (issue 1): (e + d) <= 5% of g.
 `--compare-allocators` runs the same measurement in one child process per allocator mode
 (MINUSFED_ALLOCATOR, minusface/runtime.py: the settings are per process and PyTorch reads its
 huge-page switch once), alternating the modes twice, and prints best-of per mode with each
@@ -17,42 +17,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import (
+    ROOT,
+    arg_parser,
+    markdown_table,
+    peak_rss_mb,
+    provenance,
+    timings,
+)
+from minusface.dct import decode, encode
+from minusface.frontend import MinusFaceFrontend
+from minusface.generator import UNetGenerator
+from minusface.runtime import (
+    ALLOCATOR_ENV,
+    MODES,
+    THP_ENV,
+    allocator_mode,
+    tune_allocator,
+)
 
-from minusface.dct import decode, encode  # noqa: E402
-from minusface.frontend import MinusFaceFrontend  # noqa: E402
-from minusface.generator import UNetGenerator  # noqa: E402
-from minusface.runtime import (ALLOCATOR_ENV, MODES, THP_ENV, allocator_mode,  # noqa: E402
-                               tune_allocator)
 
-
-def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                          capture_output=True, text=True).stdout.strip() or "unknown"
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()                                            # warm-up (allocator, kernels)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` calls after one warm-up call (allocator, kernels)."""
+    return min(timings(fn, repeats, warmup=1))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser("bench.transform", __doc__)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
@@ -92,17 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             batch = torch.rand(pb, 3, 112, 112) * 2 - 1
             secs = best_seconds(lambda batch=batch: fe.protect(batch), 1 if pb >= 64 else args.repeats)
             protect_rates[pb] = pb / secs
-    commit = _commit()
     if args.json:
         print(json.dumps({"seconds": rows, "latency_b1": lat, "protect_img_s": protect_rates,
-                          "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                          "maxrss_mb": peak_rss_mb()}))
         return 0
-    print(f"{platform.node()} {platform.machine()} torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {b}, commit {commit}, "
-          f"{time.strftime('%Y-%m-%d')}")
-    print("| stage | ms / batch | img/s |\n|---|---|---|")
-    for name, s in rows.items():
-        print(f"| {name} | {1000 * s:.1f} | {b / s:.1f} |")
+    print(f"{provenance()}; batch {b}")
+    print(markdown_table(["stage", "ms / batch", "img/s"],
+                         [[name, f"{1000 * s:.1f}", f"{b / s:.1f}"] for name, s in rows.items()]))
     ratio = (rows["e (encode)"] + rows["d (decode)"]) / rows["g (w = 64)"]
     print(f"\n(e + d) / g(w = 64) = {ratio:.3f}  (target <= 0.05)")
     print(f"(e + d) / g(w = 16) = {(rows['e (encode)'] + rows['d (decode)']) / rows['g (w = 16)']:.3f}")
@@ -114,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare_allocators(args: argparse.Namespace) -> int:
     """Each allocator mode in its own child process, modes alternating, twice."""
-    child = [sys.executable, str(Path(__file__).resolve()), "--json", "--batch", str(args.batch),
+    child = [sys.executable, "-m", "bench.transform", "--json", "--batch", str(args.batch),
              "--repeats", str(args.repeats), "--protect-batches", *map(str, args.protect_batches)]
     if args.threads:
         child += ["--threads", str(args.threads)]
@@ -125,23 +119,22 @@ def compare_allocators(args: argparse.Namespace) -> int:
             out = subprocess.run(child, capture_output=True, text=True, cwd=ROOT, check=True,
                                  env={**env, ALLOCATOR_ENV: mode})
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    commit = _commit()
     b = args.batch
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     thp_setting = thp.read_text().strip() if thp.exists() else "n/a"
-    print(f"{platform.node()} torch {torch.__version__}, batch {b}, commit {commit}, "
-          f"{time.strftime('%Y-%m-%d')}; best of 2 child processes per mode, alternating; "
+    print(f"{provenance()}; batch {b}; best of 2 child processes per mode, alternating; "
           f"kernel THP: {thp_setting}")
     pb = max(args.protect_batches) if args.protect_batches else None
-    print(f"| allocator | e ms/img | d ms/img | g(w=64) ms/img | (e + d) / g | protect() img/s "
-          f"(batch {pb}) | peak RSS MB |\n|---|---|---|---|---|---|---|")
+    cells = []
     for mode, rs in runs.items():
         best = {k: min(r["seconds"][k] for r in rs) for k in rs[0]["seconds"]}
         e, d, g = best["e (encode)"], best["d (decode)"], best["g (w = 64)"]
         rate = max(r["protect_img_s"][str(pb)] for r in rs) if pb else float("nan")
         rss = max(r["maxrss_mb"] for r in rs)
-        print(f"| {mode} | {1000 * e / b:.2f} | {1000 * d / b:.2f} | {1000 * g / b:.1f} | "
-              f"{(e + d) / g:.3f} | {rate:.2f} | {rss:.0f} |")
+        cells.append([mode, f"{1000 * e / b:.2f}", f"{1000 * d / b:.2f}", f"{1000 * g / b:.1f}",
+                      f"{(e + d) / g:.3f}", f"{rate:.2f}", f"{rss:.0f}"])
+    print(markdown_table(["allocator", "e ms/img", "d ms/img", "g(w=64) ms/img", "(e + d) / g",
+                          f"protect() img/s (batch {pb})", "peak RSS MB"], cells))
     return 0
 
 

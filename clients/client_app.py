@@ -26,13 +26,12 @@ from clients.guard import outbound_guard
 from clients.local import local_evaluate, local_train, stage_models
 from clients.site import SiteData, federation_identities, load_site, site_identities_from_folder
 from clients.site_state import cache_dir, head_file, load_head, save_head, state_dir
-from task.config import resolve_data_path
-from task.records import PRIVACY_ACTION, PRIVACY_RECORD
-from task.config import run_config
-from task.records import ARRAYS, CONFIG, FROZEN_GENERATOR, STAGE2
-from task.wire import like_received, unflatten
-from minusface.presets import get_preset
+from privacy.report import privacy_preset_for
 from simulation.partition import partition_for_client
+from task.config import RunConfig, resolve_data_path, run_config
+from task.models import site_seed
+from task.records import ARRAYS, CONFIG, FROZEN_GENERATOR, PRIVACY_ACTION, PRIVACY_RECORD, STAGE2
+from task.wire import like_received, unflatten
 
 app = ClientApp()
 
@@ -43,26 +42,31 @@ def _site(context: Context) -> tuple[SiteData, str]:
     alone (clients.site_state), never the server's out-dir."""
     cfg = run_config(context.run_config)
     node = context.node_config
-    preset = get_preset(str(cfg["preset"]))
+    preset = cfg.preset()
     if "data-path" in node:                          # a real site: its own folder
         root = resolve_data_path(str(node["data-path"]))
         ids = site_identities_from_folder(root, preset)
         tag = f"site-{hashlib.sha256(str(root).encode()).hexdigest()[:16]}"   # same after restart
     else:
         pid, n = int(node["partition-id"]), int(node["num-partitions"])
-        root = resolve_data_path(str(cfg["data-path"]))
-        all_ids = federation_identities(root, int(cfg["eval-fold"]), preset, int(cfg["max-identities"]))
+        root = resolve_data_path(cfg.data_path)
+        all_ids = federation_identities(root, cfg.eval_fold, preset, cfg.max_identities)
         names = partition_for_client({k: len(v) for k, v in all_ids.items()}, n, pid,
-                                     scheme=str(cfg["partition-scheme"]), seed=int(cfg["partition-seed"]))
+                                     scheme=cfg.partition_scheme, seed=cfg.partition_seed)
         ids = {k: all_ids[k] for k in names}
-        tag = f"lfw-fold{cfg['eval-fold']}-part{pid}of{n}"
+        tag = f"lfw-fold{cfg.eval_fold}-part{pid}of{n}"
     return load_site(ids, cache_dir(node), tag), tag
 
 
-def _stage_round(conf: ConfigRecord, cfg: dict, stage: str) -> int:
+def _partition_id(context: Context) -> int:
+    """This site's partition (simulation); 0 for a real site with its own folder."""
+    return int(context.node_config.get("partition-id", 0))
+
+
+def _stage_round(conf: ConfigRecord, cfg: RunConfig, stage: str) -> int:
     """Round within the stage (0 when the server did not say): stage 2 counts after stage 1."""
     index = int(conf.get("minusfed-round", 0))
-    return index - int(cfg["stage1-rounds"]) if stage == STAGE2 and index else index
+    return index - cfg.stage1_rounds if stage == STAGE2 and index else index
 
 
 def _stored_head(context: Context, stage: str, path: Path | None) -> tuple[dict | None, str]:
@@ -79,7 +83,7 @@ def _models(msg: Message, context: Context, site: SiteData, tag: str, training: 
     cfg = run_config(context.run_config)
     conf = msg.content[CONFIG]
     stage = str(conf["stage"])
-    preset = get_preset(str(cfg["preset"]))
+    preset = cfg.preset()
     folder = state_dir(context.node_config)
     path = head_file(folder, context.run_id, tag, stage) if folder is not None else None
     head, source = _stored_head(context, stage, path)
@@ -93,7 +97,7 @@ def _models(msg: Message, context: Context, site: SiteData, tag: str, training: 
     frozen = (msg.content[FROZEN_GENERATOR].to_torch_state_dict()
               if FROZEN_GENERATOR in msg.content else None)
     shared = msg.content[ARRAYS].to_torch_state_dict()
-    seed = int(cfg["seed"]) * 7919 + int(context.node_config.get("partition-id", 0))
+    seed = site_seed(cfg.seed, _partition_id(context))
     models = stage_models(stage, preset, site.num_classes, shared, frozen, head, seed,
                           on_bad_head=fresh_head)
     stage_round = _stage_round(conf, cfg, stage)
@@ -107,15 +111,18 @@ def _models(msg: Message, context: Context, site: SiteData, tag: str, training: 
 # inject_fault / inject_handler_bug: TEST HOOKS (clients/faults.py), active only with a `fault` key
 # in this SuperNode's own --node-config.  inject_fault is outermost (a hostile site: it corrupts the
 # reply after the guard); inject_handler_bug sits inside the guard (a buggy handler it must stop)
-@app.train(mods=[inject_fault, outbound_guard, inject_handler_bug, dp_clipping_mod])   # DP clipping last (no-op when DP is off)
+# DP clipping runs last (a no-op when DP is off)
+@app.train(mods=[inject_fault, outbound_guard, inject_handler_bug, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     site, tag = _site(context)
-    stage, preset, models, seed, head_path = _models(msg, context, site, tag, training=True)
+    stage, preset, models, _, head_path = _models(msg, context, site, tag, training=True)
     conf = msg.content[CONFIG]
+    seed = site_seed(run_config(context.run_config).seed, _partition_id(context),
+                     int(conf.get("minusfed-round", 0)))      # a new batch order every round
     shared, head, metrics = local_train(
         models, stage, site, preset, lr=float(conf["lr"]), epochs=int(conf["local-epochs"]),
-        seed=seed + 100 * int(conf.get("minusfed-round", 0)))   # a new batch order every round
+        seed=seed)
     context.state[f"head-{stage}"] = ArrayRecord(head)        # private: stays on the site
     if head_path is not None:
         save_head(head_path, head)                            # owner-only file: survives a restart
@@ -138,16 +145,17 @@ def privacy_evaluate(msg: Message, context: Context) -> Message:
     """Message type "evaluate.privacy": every privacy attack on this site's own faces with the
     global frozen g (and f_p under "arrays", if sent); the reply is ONE MetricRecord of numbers
     (see clients.privacy_eval for the attacker-aux / evaluated split of the site's identities)."""
-    from clients.privacy_eval import generator_from_record, privacy_config, site_privacy_metrics
+    from clients.privacy_eval import privacy_config, site_privacy_metrics
     site, _ = _site(context)
     cfg = run_config(context.run_config)
     conf = msg.content[CONFIG] if CONFIG in msg.content else ConfigRecord()
-    config = privacy_config(str(conf.get("privacy-preset", cfg["preset"])), dict(conf))
-    generator = generator_from_record(msg.content[FROZEN_GENERATOR].to_torch_state_dict())
+    config = privacy_config(str(conf.get("privacy-preset", privacy_preset_for(cfg.preset_name))),
+                            dict(conf))
+    generator = msg.content[FROZEN_GENERATOR].to_torch_state_dict()      # keys "generator.*"
     recognizer = (unflatten(msg.content[ARRAYS].to_torch_state_dict(), "recognizer")
                   if ARRAYS in msg.content else None) or None
-    seed = int(conf.get("seed", cfg["seed"])) * 7919 + int(context.node_config.get("partition-id", 0))
+    seed = site_seed(int(conf.get("seed", cfg.seed)), _partition_id(context))
     metrics = site_privacy_metrics(site.train.images, site.train.labels, generator, config,
                                    seed=seed, recognizer_state=recognizer,
-                                   recognizer_preset=str(cfg["preset"]))
+                                   recognizer_preset=cfg.preset())
     return Message(RecordDict({PRIVACY_RECORD: MetricRecord(metrics)}), reply_to=msg)

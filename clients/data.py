@@ -32,8 +32,7 @@ import sys
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from minusface.atomic import write_atomic
 from minusface.images import to_signed  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ SIZE = 112
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif",
                                      ".tiff", ".webp")
 CACHE_VERSION = 1
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class ImageError(ValueError):
@@ -178,7 +178,7 @@ def scan_identity_folders(root: PathLike, min_images_per_identity: int = 1,
 
 # --------------------------------------------------------------------------- dataset
 
-Samples = Union[Mapping[str, Sequence[PathLike]], Sequence[tuple[PathLike, Union[int, str]]]]
+Samples = Mapping[str, Sequence[PathLike]] | Sequence[tuple[PathLike, int | str]]
 
 
 def _normalise_samples(samples: Samples) -> tuple[list[str], list[str]]:
@@ -309,30 +309,21 @@ class FaceDataset(Dataset):
 
         Uncompressed so `from_cache` can memory-map the image array instead of reading 0.5 GB.
         These are raw faces: a missing folder is made 0700 and the file is written 0600 from
-        its first byte (mkstemp), so no other user can read it even while it is being written.
+        its first byte, so no other user can read it even while it is being written.
         """
-        import tempfile
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, mode=0o700, exist_ok=True)
         meta = {"version": CACHE_VERSION, "root": self.root, "resize": bool(self.resize)}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=np.ascontiguousarray(self.images), labels=self.labels,
-                         identities=np.array(self.identities, dtype=str),
-                         paths=np.array(self.paths, dtype=str),
-                         source_paths=np.array(self.source_paths, dtype=str),
-                         source_identities=np.array(self.source_identities, dtype=str),
-                         meta=np.array(json.dumps(meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, lambda f: np.savez(
+            f, images=np.ascontiguousarray(self.images), labels=self.labels,
+            identities=np.array(self.identities, dtype=str), paths=np.array(self.paths, dtype=str),
+            source_paths=np.array(self.source_paths, dtype=str),
+            source_identities=np.array(self.source_identities, dtype=str),
+            meta=np.array(json.dumps(meta))), mode=0o600, sync=False)
 
     @classmethod
-    def from_cache(cls, path: PathLike, *, train: bool = False, repeat: int = 1) -> "FaceDataset":
+    def from_cache(cls, path: PathLike, *, train: bool = False, repeat: int = 1) -> FaceDataset:
         """Load a dataset written by `save_cache`; images are memory-mapped when possible."""
         path = os.fspath(path)
         if not os.path.isfile(path):

@@ -33,8 +33,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
 from minusface.provenance import all_protected
+from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
 
 GUARD_ALLOWED_RECORDS = ("arrays", "protected")      # the only ArrayRecords that may ever leave
 GUARD_ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION

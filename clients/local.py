@@ -14,14 +14,21 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from task.records import SHARED_MODULES, STAGE1, STAGE2
-from task.wire import flatten, load_shared, unflatten
-from minusface.generator import UNetGenerator
 from minusface.images import to_signed
 from minusface.presets import Preset
 from minusface.runtime import tune_allocator
-from minusface.trainer import (Models, build_models, default_device, evaluate_verification,
-                               make_optimizer, train_epoch)
+from minusface.trainer import (
+    Models,
+    build_models,
+    default_device,
+    epoch_seed,
+    evaluate_verification,
+    make_optimizer,
+    train_epoch,
+)
+from task.models import generator_from_arrays
+from task.records import SHARED_MODULES, STAGE1, STAGE2
+from task.wire import flatten, load_shared
 
 from .site import SiteData
 
@@ -42,9 +49,7 @@ def stage_models(stage: str, preset: Preset, num_classes: int,
     if stage == STAGE2:
         if frozen_generator is None:
             raise ValueError("stage 2 message carries no frozen generator")
-        gstate = unflatten(frozen_generator, "generator")
-        generator = UNetGenerator(width=int(gstate["enc1.0.weight"].shape[0]))
-        generator.load_state_dict(gstate)
+        generator = generator_from_arrays(frozen_generator)
     recipe = "stage1" if stage == STAGE1 else "stage2"
     models = build_models(recipe, preset, num_classes, generator=generator)
     load_shared(shared_modules(models, stage), shared)
@@ -90,7 +95,7 @@ def local_train(models: Models, stage: str, site: SiteData, preset: Preset, lr: 
     stats: dict = {}
     for epoch in range(epochs):
         stats = train_epoch(models, site.train.images, site.train.labels, preset, optimizer,
-                            None, device, seed=seed * 1000 + epoch, progress=progress,
+                            None, device, seed=epoch_seed(seed, epoch), progress=progress,
                             desc=f"{stage} local epoch {epoch + 1}/{epochs}")
     shared = flatten(shared_modules(models, stage))
     head = {k: v.detach().cpu() for k, v in models.head.state_dict().items()}

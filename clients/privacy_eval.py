@@ -27,7 +27,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from minusface.presets import Preset
 from privacy.report import PIXEL_ROWS, PrivacyConfig, get_privacy_config
+from task.models import generator_from_arrays
 
 METRIC_KEYS = ("ssim", "ms_ssim", "psnr", "tar@0.01", "tar@0.001", "rank1", "grad_cos")
 # Rows evaluate_client / gradient_inversion.evaluate_gradient_inversion can produce, and the
@@ -97,21 +99,22 @@ def flatten_metrics(result: dict) -> dict[str, float | int]:
     return out
 
 
-def site_privacy_metrics(images: np.ndarray, labels: np.ndarray, generator_state: Mapping,
+def site_privacy_metrics(images: np.ndarray, labels: np.ndarray,
+                         generator: Mapping[str, torch.Tensor],
                          config: PrivacyConfig, *, seed: int = 0,
                          recognizer_state: Mapping | None = None,
-                         recognizer_preset: str | None = None,
+                         recognizer_preset: Preset | None = None,
                          progress: bool = False) -> dict[str, float | int]:
     """All attacks on this site's faces; returns only numbers (see module docstring).
 
-    ``images``: uint8 (N, 112, 112, 3); ``labels``: identity ids; ``generator_state``: the
-    generator's state dict (keys without the "generator." prefix); ``recognizer_state``: f_p's
-    state dict (keys without "recognizer.") of training preset ``recognizer_preset`` (default
-    ``config.gi_preset``), or None for a fresh one of ``config.gi_preset``.
+    ``images``: uint8 (N, 112, 112, 3); ``labels``: identity ids; ``generator``: the global g
+    as sent, keys "generator.*" (the frozen-generator record); ``recognizer_state``: f_p's
+    state dict (keys without "recognizer.") of architecture ``recognizer_preset`` (the run's
+    preset with its overrides; default ``config.gi_preset``), or None for a fresh one of
+    ``config.gi_preset``.
     """
     from minusface.backbones import build_backbone
     from minusface.frontend import MinusFaceFrontend
-    from minusface.generator import UNetGenerator
     from minusface.presets import get_preset
     from privacy.attacks import judge_embed_fn
     from privacy.judge import train_judge
@@ -125,12 +128,10 @@ def site_privacy_metrics(images: np.ndarray, labels: np.ndarray, generator_state
     aux_images = images[aux_mask]
     _, aux_labels = np.unique(labels[aux_mask], return_inverse=True)
 
-    g = UNetGenerator(width=int(generator_state["enc1.0.weight"].shape[0]))
-    g.load_state_dict(dict(generator_state))
-    frontend = MinusFaceFrontend(generator=g).eval()
+    frontend = MinusFaceFrontend(generator=generator_from_arrays(generator)).eval()
     gi_net, gi_info = None, ""
     if recognizer_state is not None:
-        preset = get_preset(recognizer_preset or config.gi_preset)
+        preset = recognizer_preset or get_preset(config.gi_preset)
         gi_net = build_backbone(preset.backbone, 3, width=preset.backbone_width)
         gi_net.load_state_dict(dict(recognizer_state))
         gi_info = "the global stage-2 recognizer f_p sent by the server"
@@ -145,6 +146,3 @@ def site_privacy_metrics(images: np.ndarray, labels: np.ndarray, generator_state
     return out
 
 
-def generator_from_record(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys "generator.<k>" (the frozen-generator record) -> "<k>"."""
-    return {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from minusface.atomic import write_atomic
 from minusface.frontend import MinusFaceFrontend
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,6 @@ def scan_folder(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
             else:
                 images.append(path)
     return sorted(images), sorted(ignored)
-
-
-def find_images(root: Path) -> list[Path]:
-    """Image candidates under `root` (see `scan_folder`)."""
-    return scan_folder(root)[0]
 
 
 # --------------------------------------------------------------------------- planning
@@ -253,35 +249,17 @@ def to_png_array(protected: torch.Tensor) -> np.ndarray:
     return (protected.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
 
-def _place(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Move a finished temp file to `dst`; without overwrite an existing `dst` is kept."""
+def write_png(arr: np.ndarray, dst: Path, overwrite: bool = False) -> None:
+    """Write a PNG atomically (`minusface.atomic.write_atomic`); without overwrite a file that
+    appeared at `dst` meanwhile is kept, and a symbolic link there is never replaced."""
     if dst.is_symlink():
         raise ProtectError(f"{dst} became a symbolic link during the run; not replaced")
-    if overwrite:
-        os.replace(tmp, dst)
-        return
-    try:
-        os.link(tmp, dst)                              # fails if dst exists: no clobbering
-    except FileExistsError:
-        raise ProtectError(f"{dst} appeared during the run; not replaced") from None
-    except OSError:                                    # no hard links on this file system
-        if os.path.lexists(dst):
-            raise ProtectError(f"{dst} appeared during the run; not replaced") from None
-        os.replace(tmp, dst)
-
-
-def write_png(arr: np.ndarray, dst: Path, overwrite: bool = False) -> None:
-    """Write a PNG atomically: a hidden temp file (O_EXCL, O_NOFOLLOW) then `_place`."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        _place(tmp, dst, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_atomic(dst, lambda f: f.write(buf.getvalue()), sync=False, replace=overwrite)
+    except FileExistsError:
+        raise ProtectError(f"{dst} appeared during the run; not replaced") from None
 
 
 def _make_parent(dst: Path) -> None:
@@ -332,7 +310,7 @@ def run_plan(plan: ProtectPlan, frontend: MinusFaceFrontend, batch_size: int = 3
                 faces = torch.stack(batch)
                 xp = frontend.protect(faces.to(device))
                 arrays = check_outputs(faces, xp.cpu(), [s for s, _ in jobs])
-                for (src, dst), arr in zip(jobs, arrays):
+                for (_src, dst), arr in zip(jobs, arrays):
                     _write_one(plan, arr, dst, report)
             bar.update(len(chunk))
     finally:

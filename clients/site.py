@@ -30,6 +30,7 @@ from clients.data import FaceDataset, load_faces, scan_identity_folders, view2_f
 from clients.site_state import warn_once
 from minusface.presets import Preset
 
+
 def federation_identities(lfw_root: Path, eval_fold: int, preset: Preset,
                           max_identities: int = 0) -> dict[str, list[str]]:
     """Training identities of the whole federation: disjoint from the server's eval fold.
@@ -79,7 +80,9 @@ class SiteData:
         return self.train.num_classes
 
 
-def split_held_out(identities: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[tuple[str, str, bool]]]:
+def split_held_out(
+    identities: dict[str, list[str]],
+) -> tuple[dict[str, list[str]], list[tuple[str, str, bool]]]:
     names = sorted(identities)
     train = {n: sorted(identities[n]) for n in names}
     held = [n for n in names if len(train[n]) >= 3]
@@ -139,7 +142,8 @@ def load_site(identities: dict[str, list[str]], cache_dir: Path | None, tag: str
         eval_paths = sorted({p for a, b, _ in pairs for p in (a, b)})
         where = {p: i for i, p in enumerate(eval_paths)}
         lookup = {os.path.join(ev.root, p): i for i, p in enumerate(ev.paths)}
-        faces = ev.images[[lookup[p] for p in eval_paths]] if eval_paths else np.zeros((0, 112, 112, 3), np.uint8)
+        faces = (ev.images[[lookup[p] for p in eval_paths]] if eval_paths
+                 else np.zeros((0, 112, 112, 3), np.uint8))
     else:
         faces = np.zeros((0, 112, 112, 3), np.uint8)
     a = np.array([where[x] for x, _, _ in pairs], dtype=np.int64)

@@ -125,7 +125,7 @@ def save_head(path: Path, head: Mapping[str, torch.Tensor]) -> bool:
     """Write a head state dict owner-only; False (after one warning) if it could not be."""
     state = {k: v.detach().cpu().contiguous() for k, v in head.items()}
     try:
-        write_atomic(path, lambda f: torch.save(state, f), private=True)
+        write_atomic(path, lambda f: torch.save(state, f), mode=0o600)
     except OSError as e:
         warn_once(f"save:{path}", "could not save the margin head to %s (%s); a SuperNode "
                   "restart will start it fresh (set node config '%s')", path, e, STATE_KEY)

@@ -3,10 +3,10 @@
 After training (run config "privacy-eval" = true) the ServerApp sends one "evaluate.privacy"
 message to every node: "frozen-generator" (the global g, keys "generator.*"), "arrays" (the
 global stage-2 recognizer f_p, keys "recognizer.*", when there is one) and "config"
-{"privacy-preset": the run's preset, "seed": ...} plus optional PrivacyConfig overrides written
-"<field-with-dashes>" (e.g. "gi-steps").  Each site runs `clients.privacy_eval` locally and
-replies with one MetricRecord "privacy" of numbers only (the outbound guard refuses anything
-else).  This module writes, under `<out-dir>/privacy/`:
+{"privacy-preset": privacy.report.privacy_preset_for(the run's preset), "seed": ...} plus
+optional PrivacyConfig overrides written "<field-with-dashes>" (e.g. "gi-steps").  Each site
+runs `clients.privacy_eval` locally and replies with one MetricRecord "privacy" of numbers only
+(the outbound guard refuses anything else).  This module writes, under `<out-dir>/privacy/`:
 
   node-<id>.json   the numbers of one site (or its error)
   summary.json     all sites

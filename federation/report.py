@@ -7,12 +7,12 @@ and a round trained again after a resume (from checkpoint.prev.pt) shows its las
 
 from __future__ import annotations
 
-import os
 from logging import WARNING
 from pathlib import Path
 
 from flwr.common.logger import log
 
+from minusface.atomic import write_atomic
 from minusface.presets import Preset
 from strategy.checkpoint import numbered_jsonl
 
@@ -26,7 +26,9 @@ def _kind(rec: dict) -> str | None:
     return "round" if isinstance(rec.get("metrics"), dict) else None
 
 
-def _rows(out_dir: Path) -> tuple[list[dict], list[dict]]:
+def read_run_log(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(round records, client records) of `out_dir`/metrics.jsonl; a round trained again after
+    a resume keeps its last try (benchmarks read runs through this too)."""
     rounds: list[dict] = []
     clients: list[dict] = []
     path = out_dir / "metrics.jsonl"
@@ -86,20 +88,18 @@ def client_table(clients: list[dict]) -> str:
 
 
 def write_report(out_dir: Path, preset: Preset | None = None) -> Path:
-    rounds, clients = _rows(out_dir)
+    rounds, clients = read_run_log(out_dir)
     text = ["# minusfed run report", "",
             f"Run directory: `{out_dir}`" + (f"; preset `{preset.name}`" if preset else ""), "",
             "Server-side benchmark: LFW View 2 pairs of the evaluation fold (identities no site "
             "holds), protected with the global g exactly as a site would (stage 2). LFW, "
             "centre-cropped, not aligned, trained on LFW only.", "",
             "## Rounds", "", round_table(rounds), "", "## Sites", "", client_table(clients), ""]
-    path = out_dir / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(text), encoding="utf-8")
-    os.replace(tmp, path)          # a crash leaves the old report, never half of one
+    path = out_dir / "report.md"      # a crash leaves the old report, never half of one
+    write_atomic(path, lambda f: f.write("\n".join(text).encode("utf-8")))
     return path
 
 
 def final_summary(out_dir: Path) -> str:
-    rounds, _ = _rows(out_dir)
+    rounds, _ = read_run_log(out_dir)
     return round_table(rounds[-2:] if len(rounds) > 1 else rounds)

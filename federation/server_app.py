@@ -20,7 +20,7 @@ import json
 import re
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -28,22 +28,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from task.config import resolve_data_path
-from task.config import run_config
-from task.models import initial_arrays, lr_for_round
-from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
-from task.wire import from_wire, to_wire, unflatten  # noqa: F401
 from federation.report import write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
 from minusface.atomic import write_atomic
-from minusface.generator import UNetGenerator
-from minusface.presets import Preset, get_preset
+from minusface.presets import Preset
 from minusface.runtime import tune_allocator
 from minusface.weights import save_generator
+from privacy.report import privacy_preset_for
 from strategy import CheckpointStore, make_strategy
 from strategy.checkpoint import METRICS, CheckpointError, array_mismatches
-from strategy.dp import DpRun
+from strategy.dp import DpRun, dp_settings
+from task.config import RunConfig, resolve_data_path, run_config
+from task.models import GENERATOR, generator_from_arrays, initial_arrays, lr_for_round
+from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
+from task.wire import from_wire, select, to_wire
 
 app = ServerApp()
 INFO, WARNING = 20, 30
@@ -69,10 +68,11 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> int:
         time.sleep(0.5)
 
 
-def made_with(cfg: dict, preset: Preset) -> dict[str, object]:
+def made_with(cfg: RunConfig, preset: Preset) -> dict[str, object]:
     """The run-config values that shape the models; every checkpoint records them."""
-    return {"preset": preset.name, "seed": int(cfg["seed"]), "wire-dtype": str(cfg["wire-dtype"]),
-            "stage1-rounds": int(cfg["stage1-rounds"]), "stage2-rounds": int(cfg["stage2-rounds"])}
+    return {"preset": preset.name, "seed": cfg.seed, "wire-dtype": cfg.wire_dtype,
+            "stage1-rounds": cfg.stage1_rounds, "stage2-rounds": cfg.stage2_rounds,
+            **cfg.preset_overrides()}
 
 
 def check_fresh_out_dir(out_dir: Path) -> None:
@@ -89,13 +89,13 @@ def check_fresh_out_dir(out_dir: Path) -> None:
 
 def expected_arrays(stage: str, preset: Preset, seed: int,
                     stage1_init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys and shapes a checkpoint of `stage` holds under `preset` (stage 2: f_p + frozen g)."""
+    """Keys and shapes a checkpoint of `stage` holds under `preset` (stage 2: f_p + frozen g,
+    keys "recognizer.*" and "generator.*")."""
     if stage == STAGE1:
         return stage1_init
     with torch.random.fork_rng(devices=[]):      # initial_arrays seeds the global RNG
         fresh = initial_arrays(STAGE2, preset, seed + 1)
-    return {**fresh, **{f"frozen.{k}": v for k, v in stage1_init.items()
-                        if k.startswith("generator.")}}
+    return {**fresh, **select(stage1_init, GENERATOR)}
 
 
 def resume_problem(ck: dict, old: dict, made: dict, plan: list[tuple[str, int]], preset: Preset,
@@ -137,7 +137,7 @@ def check_resume(ck: dict, out_dir: Path, made: dict, plan: list[tuple[str, int]
             f"{ck['stage']}; made with {was}) with this run config ({now}): {problem}. Nothing "
             "was changed. To continue that run, start it again with the run config it was made "
             "with; to train with this one, use a new out-dir.")
-    for key in ("seed", "wire-dtype"):
+    for key in [k for k in made if k not in ("preset", "stage1-rounds", "stage2-rounds")]:
         if key in old and old[key] != made[key]:
             log(WARNING, "minusfed: the checkpoint in %s was made with %s=%r; continuing with %r",
                 out_dir, key, old[key], made[key])
@@ -177,7 +177,7 @@ def final_meta(made: dict, plan: list[tuple[str, int]], done: int, aggregated: d
                for s in (STAGE1, STAGE2)},
             **{f"{s}-rounds-aggregated": aggregated[s] for s in (STAGE1, STAGE2)},
             "run-dir": str(out_dir), "commit": source_commit(),
-            "written-at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "written-at": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def run_server(grid: Grid, context: Context) -> None:
@@ -185,19 +185,21 @@ def run_server(grid: Grid, context: Context) -> None:
     harden_runtime_link(grid)      # deployed runs: survive a dropped TLS keep-alive connection
     tune_allocator()
     cfg = run_config(context.run_config)
-    preset = get_preset(str(cfg["preset"]))
-    out_dir = resolve_out_dir(str(cfg["out-dir"]), context.run_id)
+    preset = cfg.preset()                  # the named preset with the run's overrides
+    out_dir = resolve_out_dir(cfg.out_dir, context.run_id)
     store = CheckpointStore(out_dir)
-    data_path = resolve_data_path(str(cfg["data-path"]))
-    min_nodes = int(cfg["min-nodes"])
-    wire = str(cfg["wire-dtype"])          # float16 halves the bytes; the master copy stays float32
-    rounds = {STAGE1: int(cfg["stage1-rounds"]), STAGE2: int(cfg["stage2-rounds"])}
+    data_path = resolve_data_path(cfg.data_path)
+    min_nodes = cfg.min_nodes
+    wire = cfg.wire_dtype                  # float16 halves the bytes; the master copy stays float32
+    rounds = {STAGE1: cfg.stage1_rounds, STAGE2: cfg.stage2_rounds}
     plan = [(s, r) for s in (STAGE1, STAGE2) for r in range(1, rounds[s] + 1)]
-    state = {STAGE1: initial_arrays(STAGE1, preset, int(cfg["seed"])), STAGE2: None}
+    state = {STAGE1: initial_arrays(STAGE1, preset, cfg.seed), STAGE2: None}
     made = made_with(cfg, preset)
     # before anything in out-dir is written: a checkpoint this config cannot continue (or an
     # earlier run's outputs without one) stops the run here, with nothing overwritten
     ck = store.latest()
+    if ck is not None:     # stage-2 checkpoints before one key scheme: "frozen.generator.*"
+        ck["arrays"] = {k.removeprefix("frozen."): v for k, v in ck["arrays"].items()}
     if ck is None:
         check_fresh_out_dir(out_dir)
     else:
@@ -206,8 +208,9 @@ def run_server(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, min_nodes)
     # what later tools (privacy-eval --run DIR) need to rebuild the sites' partition
     (out_dir / "run_config.json").write_text(json.dumps(
-        {**cfg, "data-path": str(data_path), "num-clients": nodes}, indent=2, sort_keys=True))
-    evaluator = ServerEvaluator(data_path, int(cfg["eval-fold"]), int(cfg["server-eval-pairs"]))
+        {**cfg.to_flower(), "data-path": str(data_path), "num-clients": nodes}, indent=2,
+        sort_keys=True))
+    evaluator = ServerEvaluator(data_path, cfg.eval_fold, cfg.server_eval_pairs)
 
     frozen: dict[str, torch.Tensor] | None = None
     done = 0
@@ -217,22 +220,25 @@ def run_server(grid: Grid, context: Context) -> None:
         arrays = ck["arrays"]
         stage = ck["stage"]
         if stage == STAGE2:
-            frozen = {k[len("frozen."):]: v for k, v in arrays.items() if k.startswith("frozen.")}
-            state[STAGE2] = {k: v for k, v in arrays.items() if not k.startswith("frozen.")}
+            frozen = select(arrays, GENERATOR)
+            state[STAGE2] = {k: v for k, v in arrays.items() if k not in frozen}
         else:
             state[STAGE1] = arrays
         aggregated = resumed_aggregated(ck, plan)
         log(INFO, "minusfed: resuming after round %d (%s) from %s", done, stage, store.checkpoint_path)
 
-    dp = DpRun.from_config(cfg, out_dir, grid.get_node_ids(), min_nodes)   # None: DP off
+    settings = dp_settings(cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_target_delta,
+                           cfg.dp_max_epsilon)
+    dp = (DpRun(settings, out_dir, grid.get_node_ids(), cfg.fraction_train, min_nodes,
+                wire_dtype=cfg.wire_dtype) if settings else None)      # None: DP off
     strategy = (dp.make_strategy if dp else make_strategy)(
-        str(cfg["aggregation"]), fraction_train=float(cfg["fraction-train"]),
-        fraction_evaluate=float(cfg["fraction-evaluate"]), min_train_nodes=min_nodes,
+        cfg.aggregation, fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
-        max_update_norm=float(cfg["max-update-norm"]) or None,
-        backend=str(cfg["aggregation-backend"]), weighting=str(cfg["weighting"]),
-        max_num_examples=int(cfg["max-num-examples"]),
-        max_weight_ratio=float(cfg["max-weight-ratio"]) or None)
+        max_update_norm=cfg.max_update_norm or None,
+        backend=cfg.aggregation_backend, weighting=cfg.weighting,
+        max_num_examples=cfg.max_num_examples,
+        max_weight_ratio=cfg.max_weight_ratio or None)
     runner = dp.wrap(strategy) if dp else strategy       # Flower's DP wrapper around it
     if dp and done:
         dp.resume()
@@ -244,17 +250,18 @@ def run_server(grid: Grid, context: Context) -> None:
             break
         if stage == STAGE2 and state[STAGE2] is None:
             # freeze the aggregated g and start a fresh f_p
-            frozen = {f"generator.{k}": v for k, v in unflatten(state[STAGE1], "generator").items()}
-            state[STAGE2] = initial_arrays(STAGE2, preset, int(cfg["seed"]) + 1)
+            frozen = select(state[STAGE1], GENERATOR)
+            state[STAGE2] = initial_arrays(STAGE2, preset, cfg.seed + 1)
         strategy.frozen_arrays = ({FROZEN_GENERATOR: ArrayRecord(to_wire(frozen, wire))}
                                   if stage == STAGE2 else {})
         lr = lr_for_round(preset, stage_round, rounds[stage])
-        common = {"stage": stage, "minusfed-round": index}   # Flower overwrites "server-round" with 1 per start()
+        # Flower overwrites "server-round" with 1 per start(): the run's own round goes separately
+        common = {"stage": stage, "minusfed-round": index}
         t0 = time.perf_counter()
         result = runner.start(
             grid=grid, initial_arrays=ArrayRecord(to_wire(state[stage], wire)), num_rounds=1,
-            timeout=float(cfg["round-timeout"]),     # per phase; late or dead nodes are dropped
-            train_config=ConfigRecord({**common, "lr": lr, "local-epochs": int(cfg["local-epochs"])}),
+            timeout=cfg.round_timeout,               # per phase; late or dead nodes are dropped
+            train_config=ConfigRecord({**common, "lr": lr, "local-epochs": cfg.local_epochs}),
             evaluate_config=ConfigRecord(common))
         seconds = time.perf_counter() - t0
         if dp:
@@ -269,17 +276,13 @@ def run_server(grid: Grid, context: Context) -> None:
                                  ("evaluate", result.evaluate_metrics_clientapp)):
             for values in by_round.values():
                 metrics.update({f"clients_{source}_{k}": v for k, v in dict(values).items()})
-        metrics.update(strategy.node_summary())      # sampled / replied / dropped node ids
-        saved = dict(state[stage])
-        if stage == STAGE2:
-            saved.update({f"frozen.{k}": v for k, v in frozen.items()})
+        metrics.update(result.report.node_summary())  # sampled / replied / dropped node ids
+        saved = {**state[stage], **(frozen if stage == STAGE2 else {})}
         store.save(index, stage, saved, metrics=metrics,
                    extra={"made-with": made, "aggregated": dict(aggregated)})
         done = index
-        for entry in strategy.round_log:             # every reply, accepted or not, with why
+        for entry in result.report.replies:          # every reply, accepted or not, with why
             store.append_metrics({"round": index, "stage": stage, "client": entry})
-        strategy.round_log.clear()
-        strategy.rejected.clear()
         log(INFO, "minusfed: round %d/%d (%s %d) server accuracy %.4f",
             index, len(plan), stage, stage_round, metrics["server_accuracy"])
 
@@ -291,20 +294,18 @@ def run_server(grid: Grid, context: Context) -> None:
     if meta["stage1-rounds-aggregated"] == 0:
         log(WARNING, "minusfed: no stage-1 round changed g: %s is an UNTRAINED generator",
             final / "generator.pt")
-    g = UNetGenerator(width=preset.generator_width)
-    g.load_state_dict(unflatten(frozen if frozen is not None else state[STAGE1], "generator"))
+    g = generator_from_arrays(frozen if frozen is not None else state[STAGE1])
     save_generator(g, final / "generator.pt", meta=meta)
     models = {"stage1": state[STAGE1], "stage2": state[STAGE2], "preset": preset.name,
-              "meta": meta}
+              "preset-fields": preset.to_dict(), "meta": meta}      # with the run's overrides
     write_atomic(final / "models.pt", lambda f: torch.save(models, f))
     report = write_report(out_dir, preset)
     log(INFO, "minusfed: finished; report %s", report)
-    if cfg["privacy-eval"]:                         # every site attacks its own faces
+    if cfg.privacy_eval:                            # every site attacks its own faces
         from federation.privacy_round import run_privacy_round
-        gen = frozen if frozen is not None else {
-            f"generator.{k}": v for k, v in unflatten(state[STAGE1], "generator").items()}
-        summary = run_privacy_round(grid, out_dir, gen, state[STAGE2], preset.name,
-                                    int(cfg["seed"]))
+        gen = frozen if frozen is not None else select(state[STAGE1], GENERATOR)
+        summary = run_privacy_round(grid, out_dir, gen, state[STAGE2],
+                                    privacy_preset_for(preset.name), cfg.seed)
         log(INFO, "minusfed: privacy evaluation %s", summary)
 
 

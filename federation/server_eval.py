@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from clients.data import FaceDataset, pair_index, read_pairs
-from task.records import STAGE1
-from task.wire import load_shared, unflatten
-from minusface.generator import UNetGenerator
 from minusface.presets import Preset
 from minusface.trainer import build_models, evaluate_verification
+from task.models import generator_from_arrays
+from task.records import STAGE1
+from task.wire import load_shared
 
 
 class ServerEvaluator:
@@ -39,9 +39,7 @@ class ServerEvaluator:
 
     def __call__(self, stage: str, preset: Preset, shared: dict[str, torch.Tensor],
                  frozen_generator: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        gstate = unflatten(shared if stage == STAGE1 else frozen_generator, "generator")
-        generator = UNetGenerator(width=int(gstate["enc1.0.weight"].shape[0]))
-        generator.load_state_dict(gstate)
+        generator = generator_from_arrays(shared if stage == STAGE1 else frozen_generator)
         recipe = "stage1" if stage == STAGE1 else "stage2"
         models = build_models(recipe, preset, num_classes=2, generator=generator)
         load_shared({"recognizer": models.recognizer}, shared)

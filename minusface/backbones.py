@@ -1,4 +1,5 @@
-"""Recognizer backbones f and f_p (spec section 8.1): TFace IR-18/IR-50 and MobileFaceNet.
+"""Recognizer backbones f and f_p: TFace IR-18/IR-50 and MobileFaceNet
+(docs/method.md, "Recognizers f and f_p").
 
 All take 112x112 inputs with any channel count (192 for the DCT residue r, 3 for X_p) and return
 un-normalised (N, 512) embeddings; the margin head (heads.py) normalises them.
@@ -9,7 +10,7 @@ input layer (stem) is built afterwards, so the stem keeps PyTorch's default init
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -105,7 +106,8 @@ class IResNet(nn.Module):
             nn.BatchNorm1d(embedding_size, affine=False),
         )
         tface_init(self.modules())
-        # Built after the init on purpose (spec 8.1): the stem keeps PyTorch's default init.
+        # Built after the init on purpose (docs/method.md, "Recognizers f and f_p"): the stem
+        # keeps PyTorch's default init.
         self.input_layer = conv_bn_prelu(in_channels, width, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +181,7 @@ _BUILDERS: dict[str, Callable[[int, int | None, int], nn.Module]] = {
     "ir50": lambda c, w, e: IResNet(50, c, 64 if w is None else w, e),
     "mobilefacenet": lambda c, w, e: _mobilefacenet(c, w, e),
 }
+BACKBONES = tuple(_BUILDERS)      # the names build_backbone accepts
 
 
 def _mobilefacenet(in_channels: int, width: int | None, embedding_size: int) -> nn.Module:
@@ -202,7 +205,8 @@ def split_decay_params(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
     """(decay, no_decay): every BatchNorm parameter and every bias goes to no_decay.
 
     Matches by module type, not by a name like "bn" (the released code's name match found no
-    parameters, spec 8.5 bug 2).  PReLU slopes stay in `decay`, as in TFace.
+    parameters; docs/method.md, "Departures from the released code").  PReLU slopes stay in
+    `decay`, as in TFace.
     """
     no_decay_ids: set[int] = set()
     for m in module.modules():

@@ -1,4 +1,5 @@
-"""The fixed encoder e and decoder d of MinusFace (spec sections 4 and 5), computed without 896x896 images.
+"""The fixed encoder e and decoder d of MinusFace, computed without 896x896 images
+(docs/method.md, "Encoder e" and "Decoder d").
 
 e(X): 8x bilinear up-sampling (align_corners=True), JPEG full-range YCbCr minus 128 on every
 channel, orthonormal 8x8 block DCT, coefficient (u, v) of colour plane c written to channel
@@ -20,7 +21,7 @@ matrices in float64), so the resampling matches `F.interpolate` to rounding.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def _linear_resample_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return out[0].T.contiguous()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bands() -> dict[str, torch.Tensor]:
     """Banded factors of the encoder and decoder, float64 on CPU (cached, tiny)."""
     d = dct_matrix()
@@ -98,7 +99,7 @@ def _bands() -> dict[str, torch.Tensor]:
     return {"shift_e": shift_e, "w_d": w_d, "enc": enc, "dec": dec}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bands_on(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     b = _bands()
     w_d = b["w_d"].T.contiguous()                                     # (u, p)

@@ -1,4 +1,4 @@
-"""Generator g: the 192 -> 192 U-Net of MinusFace (spec section 6).
+"""Generator g: the 192 -> 192 U-Net of MinusFace (docs/method.md, "Generator g").
 
 Widths w, 2w, 4w, 8w, 16w (w = 64 is the paper's, about 34.6 M parameters); two 3x3 convs with
 bias and ReLU per block, no normalisation layers, no output activation, transposed 3x3 stride-2

@@ -1,4 +1,4 @@
-"""Margin heads for L_fr (spec section 8.2): ArcFace (s = 64, m = 0.5) and CosFace.
+"""Margin heads for L_fr (docs/method.md, "Margin heads"): ArcFace (s = 64, m = 0.5) and CosFace.
 
 Both compare L2-normalised embeddings with L2-normalised class centres (a weight matrix of
 shape (embedding_size, num_classes), init N(0, 0.01)) and return scaled logits with the margin

@@ -1,4 +1,4 @@
-"""Training objectives of the two MinusFace stages (spec sections 8.2 and 8.3).
+"""Training objectives of the two MinusFace stages (docs/method.md, "Stage 1" and "Stage 2").
 
 Stage 1: L = alpha * L1(X, 2 d(g(e(X))) - 1) + beta * ArcFace(f(r)), alpha = 5, beta = 1, with
 gradients of the recognition loss reaching g through r.  Stage 2: ArcFace(f_p(X_p)) with g frozen

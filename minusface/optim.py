@@ -1,4 +1,4 @@
-"""SGD with the paper's parameter groups and a step schedule that keeps their ratios.
+"""SGD with the paper's parameter groups and the one LR step plan (batches, epochs or rounds).
 
 Groups: recognizer (+ head) weights with weight decay; BatchNorm parameters and biases without;
 generator weights and biases in their own groups at `generator_lr_ratio` x the base LR (0.5 per
@@ -9,6 +9,7 @@ ratio survives every step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -42,7 +43,31 @@ def build_optimizer(trainable: Iterable[nn.Module], lr: float, weight_decay: flo
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer,
-                    milestones: Iterable[int]) -> torch.optim.lr_scheduler.MultiStepLR:
-    """LR / 10 at each milestone epoch (paper: 10, 18, 22 of 24); step once per epoch."""
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=0.1)
+def _first_reaching(fraction: float, total: int) -> int | None:
+    """The smallest count k in 0..total with k / total >= fraction (None: never reached)."""
+    k = max(0, math.ceil(fraction * total))
+    while k > 0 and (k - 1) / total >= fraction:       # ceil of a rounded product may overshoot
+        k -= 1
+    while k <= total and k / total < fraction:
+        k += 1
+    return k if k <= total else None
+
+
+def lr_drops(milestones: Iterable[float], total: int) -> list[int]:
+    """The step plan: after how many of `total` steps (batches, epochs or rounds) the LR falls
+    10x, one entry per milestone fraction f: the first count k with k / total >= f.  A fraction
+    never reached gives no entry; two that fall on one step give two entries."""
+    return sorted(k for k in (_first_reaching(f, total) for f in milestones) if k is not None)
+
+
+def lr_factor(milestones: Iterable[float], done: int, total: int) -> float:
+    """LR multiplier once `done` of `total` steps are done: 0.1 per drop of `lr_drops` reached."""
+    return 0.1 ** sum(1 for k in lr_drops(milestones, total) if done >= k)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, milestones: Iterable[float],
+                    total_steps: int) -> torch.optim.lr_scheduler.MultiStepLR:
+    """The `lr_drops` plan over `total_steps` optimizer steps (step the scheduler once per
+    batch); MultiStepLR multiplies each group's own LR, so g's ratio survives every drop."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_drops(milestones, total_steps),
+                                                gamma=0.1)

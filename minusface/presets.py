@@ -4,6 +4,9 @@
 three centralized recipes on one LFW View 2 fold), `gpu-small` for a few minutes of one GPU,
 `paper` for GPUs (IR-50, w = 64, 24 epochs,
 batch 64, SGD 0.01 / 1e-4, LR / 10 at epochs 10, 18, 22).
+
+A federated run picks a preset by name and may override some of its fields with run-config keys
+of the same name (batch-size, lr, widths, backbone, ...; task/config.py).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Preset:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_(self, **changes) -> "Preset":
+    def with_(self, **changes) -> Preset:
         return replace(self, **changes)
 
 

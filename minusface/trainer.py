@@ -27,13 +27,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .atomic import write_atomic
 from .backbones import build_backbone
 from .batches import iterate_batches
 from .frontend import MinusFaceFrontend
 from .generator import UNetGenerator
 from .heads import build_head
 from .losses import baseline_loss, freeze, stage1_loss, stage2_loss
-from .optim import build_optimizer
+from .optim import build_optimizer, build_scheduler
 from .presets import Preset
 from .runtime import tune_allocator
 
@@ -77,7 +78,7 @@ class Models:
             out["generator"] = self.frontend.generator
         return out
 
-    def to(self, device: torch.device) -> "Models":
+    def to(self, device: torch.device) -> Models:
         fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         for m in self.modules().values():
             m.to(device=device, memory_format=fmt)
@@ -123,17 +124,13 @@ def make_optimizer(models: Models, preset: Preset) -> torch.optim.SGD:
                            generator=generator, generator_lr_ratio=preset.generator_lr_ratio)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, preset: Preset,
-                   total_steps: int) -> torch.optim.lr_scheduler.MultiStepLR:
-    """Per-step LR / 10 at the preset's milestone fractions (paper: epochs 10, 18, 22 of 24).
-
-    MultiStepLR multiplies each group's own LR, so g's 0.5x ratio survives every step."""
-    steps = sorted({max(1, int(round(f * total_steps))) for f in preset.milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=steps, gamma=0.1)
-
-
 def steps_per_epoch(num_images: int, repeat: int, batch_size: int) -> int:
     return max(1, (num_images * repeat) // min(batch_size, max(1, num_images * repeat)))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The batch order of one epoch: new every epoch, the same again on a resume."""
+    return seed * 1000 + epoch
 
 
 def train_step(models: Models, faces: torch.Tensor, labels: torch.Tensor,
@@ -199,12 +196,6 @@ def state_dicts(models: Models) -> dict[str, dict[str, torch.Tensor]]:
             for k, m in models.modules().items()}
 
 
-def atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -235,7 +226,7 @@ class Trainer:
         self.models = build_models(recipe, preset, self.num_classes, generator).to(self.device)
         self.optimizer = make_optimizer(self.models, preset)
         per_epoch = steps_per_epoch(len(self.labels), repeat_for(recipe, preset), preset.batch_size)
-        self.scheduler = make_scheduler(self.optimizer, preset, per_epoch * self.epochs)
+        self.scheduler = build_scheduler(self.optimizer, preset.milestones, per_epoch * self.epochs)
         self.start_epoch = 0
 
     @property
@@ -243,13 +234,14 @@ class Trainer:
         return self.out_dir / CHECKPOINT
 
     def save(self, epoch: int) -> None:
-        atomic_save({"recipe": self.recipe, "preset": self.preset.name, "epoch": epoch,
-                     "epochs": self.epochs, "num_classes": self.num_classes,
-                     "generator_width": self.preset.generator_width,
-                     "models": state_dicts(self.models),
-                     "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(),
-                     "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
+        checkpoint = {"recipe": self.recipe, "preset": self.preset.name, "epoch": epoch,
+                      "epochs": self.epochs, "num_classes": self.num_classes,
+                      "generator_width": self.preset.generator_width,
+                      "models": state_dicts(self.models),
+                      "optimizer": self.optimizer.state_dict(),
+                      "scheduler": self.scheduler.state_dict(),
+                      "torch_rng": torch.get_rng_state()}
+        write_atomic(self.checkpoint_path, lambda f: torch.save(checkpoint, f))
 
     def resume(self) -> bool:
         """Load `checkpoint.pt` if present; returns whether a run was resumed."""
@@ -280,7 +272,7 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs):
             stats = train_epoch(self.models, self.images, self.labels, self.preset,
                                 self.optimizer, self.scheduler, self.device,
-                                seed=self.seed * 1000 + epoch, progress=self.progress,
+                                seed=epoch_seed(self.seed, epoch), progress=self.progress,
                                 desc=f"{self.recipe} epoch {epoch + 1}/{self.epochs}")
             self.save(epoch)
             self.log({"recipe": self.recipe, "epoch": epoch, **stats})

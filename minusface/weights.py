@@ -9,6 +9,7 @@ holds {"generator": state_dict, "width": int, "meta": dict}; a training checkpoi
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +23,14 @@ class WeightsError(ValueError):
 
 
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def _describe(weight: object) -> str:
+    return str(tuple(weight.shape)) if isinstance(weight, torch.Tensor) else type(weight).__name__
+
+
+def _keys_of(obj: object) -> object:
+    return list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
 
 
 def _check_plain(value: object, where: str) -> None:
@@ -72,7 +81,7 @@ def generator_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def generator_width(state: dict[str, torch.Tensor]) -> int:
+def generator_width(state: Mapping[str, torch.Tensor]) -> int:
     """Infer w from the first convolution (enc1: 192 -> w)."""
     key = "enc1.0.weight"
     if key not in state:
@@ -80,44 +89,65 @@ def generator_width(state: dict[str, torch.Tensor]) -> int:
     weight = state[key]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] < 1:
         raise WeightsError(f"'{key}' should be a 4-d convolution weight (w, 192, 3, 3), found "
-                           f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+                           f"{_describe(weight)}")
     return int(weight.shape[0])
 
 
 MAX_WIDTH = 256  # the paper's w is 64; a file claiming more would allocate gigabytes first
 
 
-def _check_types(path: Path, state: dict) -> None:
+def _check_types(where: str, state: Mapping) -> None:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{path}: generator entry {key!r} is a {type(value).__name__}, "
+            raise WeightsError(f"{where}: generator entry {key!r} is a {type(value).__name__}, "
                                f"expected a tensor (not a file written by minusfed?)")
 
 
-def _check_finite(path: Path, state: dict) -> None:
+def _check_finite(where: str, state: Mapping) -> None:
     """A NaN or Inf weight would protect every face to a black or constant image."""
     for key, value in state.items():
         if value.is_floating_point() or value.is_complex():
             bad = int((~torch.isfinite(value)).sum())
             if bad:
-                raise WeightsError(f"{path}: generator entry {key!r} holds {bad} NaN/Inf "
+                raise WeightsError(f"{where}: generator entry {key!r} holds {bad} NaN/Inf "
                                    f"value(s) of {value.numel()}: the file is corrupt or "
                                    f"training diverged")
 
 
-def _check_shapes(path: Path, state: dict, width: int) -> None:
-    """Compare shapes with a U-Net of width w built on the meta device (no memory), so a file
+def _check_shapes(where: str, state: Mapping, width: int) -> None:
+    """Compare shapes with a U-Net of width w built on the meta device (no memory), so a state
     claiming a huge width is refused before a real model is allocated."""
     if width > MAX_WIDTH:
-        raise WeightsError(f"{path}: generator width {width} (from enc1.0.weight) is above "
+        raise WeightsError(f"{where}: generator width {width} (from enc1.0.weight) is above "
                            f"{MAX_WIDTH}; expected a MinusFace U-Net (w = 64 in the paper)")
     with torch.device("meta"):
         expected = UNetGenerator(width=width).state_dict()
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if wrong:
-        raise WeightsError(f"{path}: generator weights do not fit a U-Net of width {width}: "
+        raise WeightsError(f"{where}: generator weights do not fit a U-Net of width {width}: "
                            f"{'; '.join(wrong[:4])}")
+
+
+def build_generator(state: Mapping[str, torch.Tensor], where: str = "generator",
+                    check_finite: bool = True) -> UNetGenerator:
+    """g from its state dict (keys without a module prefix), at the width the weights imply;
+    `WeightsError` naming `where` for anything but a whole MinusFace U-Net.  `check_finite`
+    off: weights the server already screened, where a NaN shows up downstream as before."""
+    _check_types(where, state)
+    try:
+        width = generator_width(state)
+    except WeightsError as e:
+        raise WeightsError(f"{where}: {e}") from None
+    _check_shapes(where, state, width)
+    if check_finite:
+        _check_finite(where, state)
+    g = UNetGenerator(width=width)
+    try:
+        g.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsError(f"{where}: generator weights do not fit the U-Net: {e}") from e
+    return g
 
 
 def load_generator(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> UNetGenerator:
@@ -131,17 +161,5 @@ def load_generator(path: str | os.PathLike, map_location: str | torch.device = "
     state = obj.get("generator") if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a dict with a 'generator' state dict "
-                           f"(as written by minusfed), found keys {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__}")
-    _check_types(path, state)
-    try:
-        width = generator_width(state)
-    except WeightsError as e:
-        raise WeightsError(f"{path}: {e}") from None
-    _check_shapes(path, state, width)
-    _check_finite(path, state)
-    g = UNetGenerator(width=width)
-    try:
-        g.load_state_dict(state)
-    except RuntimeError as e:
-        raise WeightsError(f"{path}: generator weights do not fit the U-Net: {e}") from e
-    return g.eval()
+                           f"(as written by minusfed), found keys {_keys_of(obj)}")
+    return build_generator(state, where=str(path)).eval()

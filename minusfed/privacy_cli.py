@@ -1,16 +1,18 @@
 """`minusfed privacy-eval`: run the privacy attacks and write a report.
 
   minusfed privacy-eval --weights GEN.pt --data LFW_ROOT --client-identities N \
-      --aux-identities M --out DIR --preset tiny|cpu-small|paper [--judge CKPT]
+      --aux-identities M --out DIR --preset PRIVACY_PRESET [--judge CKPT]
   minusfed privacy-eval --run RUN_DIR (--client K | --all-clients) --out DIR [...]
 
 Data mode: identities with >= 2 images under LFW_ROOT are shuffled with --seed; the first N are the
 evaluated client, the next M the attacker's auxiliary set (disjoint by construction).
 Run mode: the generator is RUN_DIR/final/generator.pt; client K's identities are recomputed with
-simulation.partition + clients.site.federation_identities from RUN_DIR/run_config.json (keys of
-task.config.RUN_CONFIG_DEFAULTS plus "num-clients"), or, without that file, from --data,
---num-clients, --eval-fold, --partition-scheme, --partition-seed, --max-identities and
---fed-preset.  The auxiliary set is M identities (>= 2 images) from outside client K.
+simulation.partition + clients.site.federation_identities from RUN_DIR/run_config.json (the
+run's task.config.RunConfig plus "num-clients", so preset overrides count too), or, without that
+file, from --data, --num-clients, --eval-fold, --partition-scheme, --partition-seed,
+--max-identities and --fed-preset (defaults: the run config's).  The auxiliary set is M
+identities (>= 2 images) from outside client K.  --preset names an attack budget
+(privacy.report.PRIVACY_PRESETS), --fed-preset a training preset (minusface.presets.PRESETS).
 Without --judge, an unprotected judge recognizer is trained on the auxiliary identities first
 (minusface.trainer "baseline" recipe) and the report says so.
 Update leakage (gradient inversion, privacy.gradient_inversion) runs with the preset's gi_images /
@@ -26,6 +28,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from task.config import RunConfig
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,18 +42,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--client-identities", type=int, default=10, metavar="N")
     p.add_argument("--aux-identities", type=int, default=40, metavar="M")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--preset", default="tiny", choices=("tiny", "cpu-quick", "cpu-small", "paper"))
+    p.add_argument("--preset", metavar="NAME", help="attack budget, a privacy.report."
+                   "PRIVACY_PRESETS name (default: the one for the run config's preset)")
     p.add_argument("--judge", metavar="CKPT", help="trainer checkpoint of an unprotected "
                                                    "recognizer (baseline recipe)")
     p.add_argument("--run", metavar="DIR", help="federated run dir (DIR/final/generator.pt)")
     p.add_argument("--client", type=int, metavar="K", help="client index in --run")
     p.add_argument("--all-clients", action="store_true", help="every client of --run")
     p.add_argument("--num-clients", type=int, help="clients of the run (if no run_config.json)")
-    p.add_argument("--eval-fold", type=int, default=0)
-    p.add_argument("--partition-scheme", default="uniform")
-    p.add_argument("--partition-seed", type=int, default=0)
-    p.add_argument("--max-identities", type=int, default=40)
-    p.add_argument("--fed-preset", default="tiny", help="training preset of the run")
+    # the run's partition when it has no run_config.json (defaults: pyproject.toml's run config)
+    p.add_argument("--eval-fold", type=int)
+    p.add_argument("--partition-scheme")
+    p.add_argument("--partition-seed", type=int)
+    p.add_argument("--max-identities", type=int)
+    p.add_argument("--fed-preset", metavar="NAME", help="training preset of the run "
+                                                       "(minusface.presets.PRESETS)")
     p.add_argument("--width", type=int, default=4, help="generator w when no weights (test only)")
     p.add_argument("--gi-images", type=int, metavar="B", help="faces in the attacked client "
                                                                  "step (0 = no gradient inversion)")
@@ -81,41 +90,46 @@ def _load(ids: dict[str, list[str]], names: list[str], cap: int | None = None):
     return ds.images, ds.labels, list(ds.identities)
 
 
-def _run_settings(args) -> dict:
+def run_settings(args) -> tuple[RunConfig, Path, int, str]:
+    """(the run's config, data root, number of clients, where they came from)."""
     cfg_file = Path(args.run) / "run_config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    data = args.data or cfg.get("data-path")
+    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    data = args.data or saved.get("data-path")
     if not data:
         raise SystemExit("error: --run without run_config.json needs --data and the partition "
                          "arguments")
-    num = cfg.get("num-clients", cfg.get("num-supernodes", args.num_clients))
+    num = saved.get("num-clients", saved.get("num-supernodes", args.num_clients))
     if not num:
         raise SystemExit("error: number of clients unknown: pass --num-clients")
-    return {"data": Path(data), "num_clients": int(num),
-            "eval_fold": int(cfg.get("eval-fold", args.eval_fold)),
-            "scheme": str(cfg.get("partition-scheme", args.partition_scheme)),
-            "partition_seed": int(cfg.get("partition-seed", args.partition_seed)),
-            "max_identities": int(cfg.get("max-identities", args.max_identities)),
-            "preset": str(cfg.get("preset", args.fed_preset)),
-            "source": str(cfg_file) if cfg else "command-line partition arguments"}
+    from task.config import run_config
+    given = {k: v for k, v in (("eval-fold", args.eval_fold),
+                               ("partition-scheme", args.partition_scheme),
+                               ("partition-seed", args.partition_seed),
+                               ("max-identities", args.max_identities),
+                               ("preset", args.fed_preset)) if v is not None}
+    known = run_config({}).to_flower()       # keys of this version (older files may have others)
+    try:
+        cfg = run_config({k: v for k, v in saved.items() if k in known} if saved else given)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"error: {cfg_file if saved else 'partition arguments'}: {exc}") from None
+    source = str(cfg_file) if saved else "command-line partition arguments"
+    return cfg, Path(data), int(num), source
 
 
 def _client_sets(args) -> tuple[Path, list[tuple[str, list[str]]], dict[str, list[str]], str]:
     """(data root, [(client name, identity names)], all identities, description)."""
     if args.run:
         from clients.site import federation_identities
-        from minusface.presets import get_preset
         from simulation.partition import partition_identities
-        s = _run_settings(args)
-        fed = federation_identities(s["data"], s["eval_fold"], get_preset(s["preset"]),
-                                    s["max_identities"])
-        parts = partition_identities({k: len(v) for k, v in fed.items()}, s["num_clients"],
-                                     scheme=s["scheme"], seed=s["partition_seed"])
-        ks = range(s["num_clients"]) if args.all_clients else [args.client]
+        cfg, data, num_clients, source = run_settings(args)
+        fed = federation_identities(data, cfg.eval_fold, cfg.preset(), cfg.max_identities)
+        parts = partition_identities({k: len(v) for k, v in fed.items()}, num_clients,
+                                     scheme=cfg.partition_scheme, seed=cfg.partition_seed)
+        ks = range(num_clients) if args.all_clients else [args.client]
         if not args.all_clients and args.client is None:
             raise SystemExit("error: --run needs --client K or --all-clients")
         clients = [(f"client-{k}", parts[k]) for k in ks]
-        return s["data"], clients, _identities(s["data"]), f"run {args.run} ({s['source']})"
+        return data, clients, _identities(data), f"run {args.run} ({source})"
     if not args.data:
         raise SystemExit("error: pass --data LFW_ROOT (or --run DIR)")
     root = Path(args.data)
@@ -148,13 +162,14 @@ def run_recognizer(args):
         return None, ""
     import torch
 
-    from task.wire import unflatten
     from minusface.backbones import build_backbone
-    from minusface.presets import get_preset
+    from minusface.presets import Preset, get_preset
+    from task.wire import unflatten
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if not ck.get("stage2"):
         return None, ""
-    preset = get_preset(str(ck.get("preset", "tiny")))
+    fields = ck.get("preset-fields")         # the run's preset with its overrides
+    preset = Preset(**fields) if fields else get_preset(str(ck.get("preset", "tiny")))
     net = build_backbone(preset.backbone, 3, width=preset.backbone_width)
     net.load_state_dict(unflatten(ck["stage2"], "recognizer"))
     return net, f"the run's final stage-2 recognizer f_p ({path})"
@@ -163,13 +178,22 @@ def run_recognizer(args):
 # --------------------------------------------------------------------------- command
 
 def run_cli(args: argparse.Namespace) -> int:
-    from privacy.judge import load_judge, train_judge
     from minusface.presets import get_preset
-
     from privacy.attacks import judge_embed_fn
-    from privacy.report import evaluate_client, get_privacy_config, write_report, write_summary
+    from privacy.judge import load_judge, train_judge
+    from privacy.report import (
+        evaluate_client,
+        get_privacy_config,
+        privacy_preset_for,
+        write_report,
+        write_summary,
+    )
+    from task.config import run_config
 
-    config = get_privacy_config(args.preset)
+    try:
+        config = get_privacy_config(args.preset or privacy_preset_for(run_config({}).preset_name))
+    except ValueError as exc:
+        raise SystemExit(f"error: --preset: {exc}") from None
     overrides = {k: v for k, v in (("gi_images", args.gi_images), ("gi_steps", args.gi_steps))
                  if v is not None}
     config = config.with_(**overrides)

@@ -1,10 +1,10 @@
 """Attacks on MinusFace protected images, and the views of the ablation baselines.
 
-Attacker (spec sections 12 and 14): a white-box eavesdropper on the client -> server link.  It
-knows the method and the client's generator g (minusfed ships g to every client), can run the
-pipeline on its own faces, but never sees the per-image permutations theta, r or the client's
-faces.  It trains only on AUXILIARY faces whose identities are disjoint from the evaluated
-client's.
+Attacker (docs/method.md, "Attacker model"): a white-box eavesdropper on the client -> server
+link.  It knows the method and the client's generator g (minusfed ships g to every client), can
+run the pipeline on its own faces, but never sees the per-image permutations theta, r or the
+client's faces.  It trains only on AUXILIARY faces whose identities are disjoint from the
+evaluated client's.
 
 * Pixel recovery (attacks 1/2): a 3 -> 3 U-Net inverter, L1 between inverter(view) and the face,
   Adam lr 1e-3 (the paper's attacker), trained on (view, face) pairs the attacker makes itself.
@@ -208,7 +208,9 @@ def recover(inverter: nn.Module, views: torch.Tensor, batch_size: int = 32) -> t
 
 # --------------------------------------------------------------------------- linkage student
 
-def judge_embed_fn(judge: nn.Module, flip: bool = True, batch_size: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:
+def judge_embed_fn(
+    judge: nn.Module, flip: bool = True, batch_size: int = 64,
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Embedding function of a recognizer trained on faces in [-1, 1], taking images in [0, 1]."""
     from minusface.eval import embed
 

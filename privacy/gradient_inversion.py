@@ -65,7 +65,7 @@ def faces_input(images01: torch.Tensor) -> torch.Tensor:
 
 
 def protected_input(images01: torch.Tensor) -> torch.Tensor:
-    """Stage-2 recognizer input: X_p in [0, 1] is fed as is (spec: X_p is not re-mapped)."""
+    """Stage-2 recognizer input: X_p in [0, 1] is fed as is (docs/method.md: X_p is not re-mapped)."""
     return images01
 
 

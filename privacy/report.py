@@ -39,9 +39,18 @@ import torch
 from minusface.frontend import MinusFaceFrontend
 
 from . import gradient_inversion as gi
-from .attacks import (as_faces, random_permutation, recover, student_embed_fn, to_unit,
-                      train_inverter, train_linkage_student, views_fn, views_from_residue)
-from .metrics import identity_match, identity_match_embeddings, pixel_metrics
+from .attacks import (
+    as_faces,
+    random_permutation,
+    recover,
+    student_embed_fn,
+    to_unit,
+    train_inverter,
+    train_linkage_student,
+    views_fn,
+    views_from_residue,
+)
+from .metrics import identity_match_embeddings, pixel_metrics
 
 PIXEL_ROWS = ("none", "no-shuffle", "no-subtraction", "minusface", "fixed-theta/same",
               "fixed-theta/fresh")
@@ -80,7 +89,7 @@ class PrivacyConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_(self, **changes) -> "PrivacyConfig":
+    def with_(self, **changes) -> PrivacyConfig:
         return replace(self, **changes)
 
 
@@ -110,11 +119,28 @@ PRIVACY_PRESETS: dict[str, PrivacyConfig] = {
 }
 
 
+# Attacker settings are a registry of their own (an attack budget is not a training budget), but
+# each privacy preset names the training presets it uses (judge_preset, gi_preset), and a
+# federated run with privacy-eval attacks with the privacy preset its training preset names here.
+# tests/test_config.py checks that every training preset has one and every name exists.
+PRIVACY_PRESET_FOR: dict[str, str] = {"tiny": "tiny", "cpu-small": "cpu-small",
+                                      "gpu-small": "cpu-small", "paper": "paper"}
+
+
 def get_privacy_config(name: str) -> PrivacyConfig:
     try:
         return PRIVACY_PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown privacy preset {name!r}; valid: {', '.join(PRIVACY_PRESETS)}") from None
+
+
+def privacy_preset_for(training_preset: str) -> str:
+    """The privacy preset a federated run of `training_preset` attacks with."""
+    try:
+        return PRIVACY_PRESET_FOR[training_preset]
+    except KeyError:
+        raise ValueError(f"no privacy preset for training preset {training_preset!r}; "
+                         f"known: {', '.join(PRIVACY_PRESET_FOR)}") from None
 
 
 def _subsample(faces: torch.Tensor, labels: np.ndarray, cap: int, seed: int

@@ -20,7 +20,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-
 APP_DIR = Path(__file__).resolve().parents[1]     # this checkout: the minusfed app
 
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import numbers
 import statistics
-from collections.abc import Mapping, Sequence
-from typing import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 

@@ -105,8 +105,8 @@ def _psutil():
         import psutil
     except ImportError:
         try:
-            import ray  # noqa: F401 - puts ray/thirdparty_files on sys.path
             import psutil
+            import ray  # noqa: F401 - puts ray/thirdparty_files on sys.path
         except ImportError:
             return None
     return psutil

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
+
+from minusface.atomic import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -211,18 +212,9 @@ class CheckpointStore:
             "arrays": _arrays_to_tensors(arrays),
             "extra": _plain(dict(extra or {}), ""),
         }
-        tmp = self.out_dir / f"{CHECKPOINT}.tmp"
-        try:
-            with open(tmp, "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())
-            if self.checkpoint_path.exists():
-                # Rotate first: the last finished round is never lost
-                os.replace(self.checkpoint_path, self.previous_path)
-            os.replace(tmp, self.checkpoint_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # the replaced checkpoint becomes the previous one: the last finished round is never lost
+        write_atomic(self.checkpoint_path, lambda file: torch.save(state, file),
+                     backup=self.previous_path)
         _fsync_dir(self.out_dir)
         self.append_metrics(
             {"round": int(server_round), "stage": str(stage), "metrics": metrics or {}}

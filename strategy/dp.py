@@ -12,7 +12,8 @@ only for a strategy whose `aggregate_train` *is* `FedAvg.aggregate_train` (ours 
 replies first), only with `sampling_method="no-amplification"`, and only with equal
 `num-examples` across clients.  So the wrapper runs without one and `AccountedClientSide
 FixedClipping` composes one event per released aggregate into Flower's own `RdpAccountant`
-(backend: Google's `dp-accounting`, extra `flwr[dp]`).
+(backend: Google's `dp-accounting`, extra `flwr[dp]`).  It wraps the server's
+`SharedKeyStrategy` (validation first), whose rule is `UniformFedAvg`: a plain average.
 
 Accounting model: FedAvg samples m of the N nodes uniformly without replacement, so the
 accountant uses Flower's pairing `without-replacement` + `replace-one` (client-level DP with
@@ -26,11 +27,9 @@ per-round multiplier is z * k / m.  Training and evaluation *metrics* (losses,
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import compute_stdv
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
@@ -48,65 +48,77 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from .aggregation import MetricsAggrFn, SharedKeyFedAvg, normalize_rule
+from minusface.atomic import write_atomic
+from task.config import normalize_backend, normalize_rule
+
+from .aggregation import make_strategy
+from .rules import RuleOptions
+from .screening import ReportingStrategy, SharedKeyStrategy
 
 LEDGER_NAME = "dp_ledger.json"
 DP_WEIGHT_KEY = "dp-uniform-weight"
 REPLACE_ONE_SENSITIVITY = 2.0      # ||u - u'|| <= 2C when one clipped update is replaced
 
 NOTES = [
-    "Guarantee: client-level (epsilon, delta)-DP of the sequence of released global models "
-    "(every noised aggregate, including the stage-2 frozen generator, which is post-processing) "
-    "with respect to replacing one client's whole update by any other update of norm <= "
-    "clipping_norm (neighboring relation 'replace-one'). Record-level privacy inside a site is "
-    "at least as strong but is not separately accounted.",
-    "Accountant: Flower's RdpAccountant (flwr.serverapp.RdpAccountant, backend dp-accounting "
-    "RDP), sampling_method 'without-replacement' with sampling rate m/N (FedAvg samples m of N "
-    "nodes uniformly at random each round); the Gaussian event per released round uses noise "
-    "multiplier z/2 because replace-one sensitivity of the sum is 2 * clipping_norm, and "
-    "z * k/m if only k < m updates were averaged. 'epsilon' is the federation-level value and "
-    "applies to every client of the population, sampled or not; it relies on the sampling "
-    "being uniformly random and secret from the adversary.",
-    "Per client, 'epsilon_participation' composes (with the same accountant, "
-    "no-amplification, add-or-remove-one at multiplier z/2, which equals replace-one at z) only "
-    "the released rounds the client was sampled in: a bound that does not rely on the sampling "
-    "being secret. With fraction-train 1.0 both values coincide.",
-    "The server is trusted to add the noise (central DP); sites clip with Flower's "
-    "fixedclipping_mod. Not covered: metrics sent in the clear (train loss, num-examples, "
-    "evaluation accuracy), the choice of clipping_norm if it was tuned on the same data, and "
-    "rounds whose aggregation was skipped (nothing was released). Integer buffers "
-    "(num_batches_tracked) are sent back unchanged; BatchNorm running_var is clamped at 0 after "
-    "noise (post-processing).",
+    ("Guarantee: client-level (epsilon, delta)-DP of the sequence of released global models "
+     "(every noised aggregate, including the stage-2 frozen generator, which is post-processing) "
+     "with respect to replacing one client's whole update by any other update of norm <= "
+     "clipping_norm (neighboring relation 'replace-one'). Record-level privacy inside a site is "
+     "at least as strong but is not separately accounted."),
+    ("Accountant: Flower's RdpAccountant (flwr.serverapp.RdpAccountant, backend dp-accounting "
+     "RDP), sampling_method 'without-replacement' with sampling rate m/N (FedAvg samples m of N "
+     "nodes uniformly at random each round); the Gaussian event per released round uses noise "
+     "multiplier z/2 because replace-one sensitivity of the sum is 2 * clipping_norm, and "
+     "z * k/m if only k < m updates were averaged. 'epsilon' is the federation-level value and "
+     "applies to every client of the population, sampled or not; it relies on the sampling "
+     "being uniformly random and secret from the adversary."),
+    ("Per client, 'epsilon_participation' composes (with the same accountant, "
+     "no-amplification, add-or-remove-one at multiplier z/2, which equals replace-one at z) only "
+     "the released rounds the client was sampled in: a bound that does not rely on the sampling "
+     "being secret. With fraction-train 1.0 both values coincide."),
+    ("The server is trusted to add the noise (central DP); sites clip with Flower's "
+     "fixedclipping_mod. Not covered: metrics sent in the clear (train loss, num-examples, "
+     "evaluation accuracy), the choice of clipping_norm if it was tuned on the same data, and "
+     "rounds whose aggregation was skipped (nothing was released). Integer buffers "
+     "(num_batches_tracked) are sent back unchanged; BatchNorm running_var is clamped at 0 after "
+     "noise (post-processing)."),
 ]
 
 
 @dataclass(frozen=True)
 class DpSettings:
-    """The run-config keys "dp-*" (see `task/config.py`)."""
+    """Central DP of a run (run-config keys "dp-*", `task.config.RunConfig`), DP on."""
 
-    noise_multiplier: float
-    clipping_norm: float
-    target_delta: float
-    max_epsilon: float | None
+    noise_multiplier: float          # z > 0
+    clipping_norm: float             # C > 0
+    target_delta: float              # in (0, 1)
+    max_epsilon: float | None        # stop before epsilon would exceed it; None: no cap
 
-    @classmethod
-    def from_config(cls, values: Mapping[str, object]) -> DpSettings | None:
-        """None when "dp-noise-multiplier" is 0 (DP off); a clear error for bad values."""
-        z = float(values.get("dp-noise-multiplier", 0.0))      # type: ignore[arg-type]
-        if z == 0.0:
-            return None
-        c = float(values.get("dp-clipping-norm", 1.0))         # type: ignore[arg-type]
-        delta = float(values.get("dp-target-delta", 1e-5))     # type: ignore[arg-type]
-        cap = float(values.get("dp-max-epsilon", 0.0))         # type: ignore[arg-type]
-        if not z > 0 or not np.isfinite(z):
-            raise ValueError(f"run config 'dp-noise-multiplier' must be >= 0, got {z}")
-        if not c > 0 or not np.isfinite(c):
-            raise ValueError(f"run config 'dp-clipping-norm' must be > 0 with DP on, got {c}")
+    def __post_init__(self) -> None:
+        z, c, delta, cap = (self.noise_multiplier, self.clipping_norm, self.target_delta,
+                            self.max_epsilon)
+        if not (z > 0 and np.isfinite(z)):
+            raise ValueError(f"DP noise_multiplier (run config 'dp-noise-multiplier') must be "
+                             f"> 0 with DP on, got {z}")
+        if not (c > 0 and np.isfinite(c)):
+            raise ValueError(f"DP clipping_norm (run config 'dp-clipping-norm') must be > 0, "
+                             f"got {c}")
         if not 0 < delta < 1:
-            raise ValueError(f"run config 'dp-target-delta' must be in (0, 1), got {delta}")
-        if cap < 0 or not np.isfinite(cap):
-            raise ValueError(f"run config 'dp-max-epsilon' must be >= 0 (0 = no cap), got {cap}")
-        return cls(z, c, delta, cap or None)
+            raise ValueError(f"DP target_delta (run config 'dp-target-delta') must be in "
+                             f"(0, 1), got {delta}")
+        if cap is not None and not (cap > 0 and np.isfinite(cap)):
+            raise ValueError(f"DP max_epsilon (run config 'dp-max-epsilon') must be > 0 or "
+                             f"None (no cap), got {cap}")
+
+
+def dp_settings(noise_multiplier: float, clipping_norm: float, target_delta: float,
+                max_epsilon: float) -> DpSettings | None:
+    """The run's DP settings from the run-config values, or None when the noise multiplier
+    is 0 (DP off); a `max_epsilon` of 0 means no cap."""
+    if noise_multiplier == 0:
+        return None
+    return DpSettings(float(noise_multiplier), float(clipping_norm), float(target_delta),
+                      float(max_epsilon) or None)
 
 
 def expected_sample_size(num_nodes: int, fraction_train: float, min_train_nodes: int) -> int:
@@ -114,53 +126,43 @@ def expected_sample_size(num_nodes: int, fraction_train: float, min_train_nodes:
     return max(int(num_nodes * fraction_train), min_train_nodes)
 
 
-class _UniformFedAvg(FedAvg):
-    """FedAvg with weight 1 per reply: the noise std z*C/m assumes a plain average."""
+class UniformFedAvg(FedAvg):
+    """FedAvg averaging train updates with weight 1 each: the noise std z*C/m assumes a plain
+    average.  Evaluation metrics stay weighted by `weighted_by_key`."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        for msg in replies:
-            if not msg.has_error():
-                for record in msg.content.metric_records.values():
-                    record[DP_WEIGHT_KEY] = 1       # dropped from the aggregated metrics by Flower
-        return super().aggregate_train(server_round, replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        for content in contents:
+            for record in content.metric_records.values():
+                record[DP_WEIGHT_KEY] = 1       # dropped from the aggregated metrics by Flower
+        return (aggregate_arrayrecords(contents, DP_WEIGHT_KEY),
+                self.train_metrics_aggr_fn(contents, DP_WEIGHT_KEY))
 
 
-class UniformSharedKeyFedAvg(SharedKeyFedAvg):
-    """`SharedKeyFedAvg` (validation, frozen arrays, round log) averaging updates with equal
-    weights instead of by `num-examples`: with DP, one client's influence on the average
-    must be at most C/m, whatever its dataset size.  Only the "fedavg" rule is allowed (the
-    sensitivity of median/trimmed-mean/Krum is not C/m)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        backend = getattr(self, "backend", "flower")
-        if backend != "flower":          # the other backends weight by num-examples themselves
-            raise ValueError(f"differential privacy needs aggregation-backend 'flower', got {backend!r}")
-
-    def _make_inner(self, train_metrics_aggr_fn: MetricsAggrFn | None,
-                    evaluate_metrics_aggr_fn: MetricsAggrFn | None) -> FedAvg:
-        if self.rule != "fedavg":
-            raise ValueError(f"differential privacy needs aggregation 'fedavg', got {self.rule!r}")
-        return _UniformFedAvg(weighted_by_key=DP_WEIGHT_KEY, arrayrecord_key=self.arrayrecord_key,
-                              configrecord_key=self.configrecord_key,
-                              train_metrics_aggr_fn=train_metrics_aggr_fn,
-                              evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
+def _uniform_fedavg(options: RuleOptions, kwargs: dict[str, Any]) -> FedAvg:
+    return UniformFedAvg(**kwargs)
 
 
-class AccountedClientSideFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+class AccountedClientSideFixedClipping(ReportingStrategy,
+                                       DifferentialPrivacyClientSideFixedClipping):
     """Flower's client-side fixed-clipping wrapper plus Flower's RDP accountant, composed once
-    per released (noised) aggregate; keeps what was sampled and averaged in `current_round`.
+    per released (noised) aggregate; `take_round()` returns what a round sampled, averaged
+    and released.  `start()` returns the wrapped strategy's round report with the result.
 
     `accountant` (Flower's, see module doc) is kept under `rdp`: the base class's own
     `accountant` stays None because its checks do not fit this strategy."""
 
-    def __init__(self, strategy: SharedKeyFedAvg, noise_multiplier: float, clipping_norm: float,
+    strategy: SharedKeyStrategy
+
+    def __init__(self, strategy: SharedKeyStrategy, noise_multiplier: float, clipping_norm: float,
                  num_sampled_clients: int, *, population_size: int, target_delta: float,
                  max_epsilon: float | None = None) -> None:
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        from flwr.serverapp import RdpAccountant   # needs flwr[dp] (dp-accounting)
+        from flwr.serverapp import RdpAccountant  # needs flwr[dp] (dp-accounting)
         self.population_size = population_size
         self.target_delta = target_delta
         self.max_epsilon = max_epsilon
@@ -168,11 +170,21 @@ class AccountedClientSideFixedClipping(DifferentialPrivacyClientSideFixedClippin
             target_delta=target_delta, population_size=population_size,
             neighboring_relation=NeighboringRelation.REPLACE_ONE,
             sampling_method=SamplingMethod.WITHOUT_REPLACEMENT, max_epsilon=max_epsilon))
-        self.current_round: dict[str, Any] = {}
+        self._round: dict[str, Any] = {}
         self._projected: tuple[tuple[int, GaussianPrivacyEvent], Any] | None = None
 
     def __repr__(self) -> str:
         return "Differential Privacy Strategy Wrapper (Client-Side Fixed Clipping, RDP accounted)"
+
+    @property
+    def screening(self) -> SharedKeyStrategy:
+        return self.strategy
+
+    def take_round(self) -> dict[str, Any]:
+        """What the last round sampled, averaged and released (for the ledger); the next
+        round starts empty."""
+        info, self._round = self._round, {}
+        return info
 
     @property
     def noise_std(self) -> float:
@@ -226,24 +238,18 @@ class AccountedClientSideFixedClipping(DifferentialPrivacyClientSideFixedClippin
         if len(sampled) != self.num_sampled_clients:
             log(WARNING, "DP: sampled %d nodes, noise is calibrated for %d",
                 len(sampled), self.num_sampled_clients)
-        self.current_round = {"sampled": sampled, "aggregated": [], "released": False}
+        self._round = {"sampled": sampled, "aggregated": [], "released": False}
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        log_before = len(getattr(self.strategy, "round_log", []))
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if hasattr(self.strategy, "round_log"):          # SharedKeyFedAvg: what it accepted
-            averaged = [int(e["node_id"]) for e in self.strategy.round_log[log_before:]
-                        if e["phase"] == "train" and e["accepted"]]
-        else:
-            averaged = [int(r.metadata.src_node_id) for r in replies if not r.has_error()]
-        info = self.current_round or {"sampled": [], "released": False}
+        averaged = list(self.strategy.averaged_nodes)    # empty if Flower's wrapper skipped
+        info = self._round or {"sampled": [], "released": False}
         info["aggregated"] = averaged
         if arrays is None:
             log(WARNING, "DP: no aggregate released this round (nothing composed)")
-            self.current_round = info
+            self._round = info
             return arrays, metrics
         event = self.event(len(info["sampled"]) or self.num_sampled_clients, len(averaged))
         self.rdp.compose(event)
@@ -252,7 +258,7 @@ class AccountedClientSideFixedClipping(DifferentialPrivacyClientSideFixedClippin
         info.update(released=True, noise_std=self.noise_std,
                     noise_multiplier_effective=event.noise_multiplier * REPLACE_ONE_SENSITIVITY,
                     sample_size=event.sample_size, epsilon_after=spent.epsilon)
-        self.current_round = info
+        self._round = info
         log(INFO, "DP: released round, epsilon %.4f at delta %g (replace-one, %d releases)",
             spent.epsilon, spent.delta, spent.num_releases)
         return _clamp_running_var(arrays), metrics
@@ -269,25 +275,16 @@ def _clamp_running_var(arrays: ArrayRecord) -> ArrayRecord:
     return out
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class DpRun:
     """Everything DP for one ServerApp run: builds the strategy and its wrapper, checks the
     budget before a round, and writes `<out-dir>/dp_ledger.json` after every round."""
 
     def __init__(self, settings: DpSettings, out_dir: Path, node_ids: Iterable[int],
-                 fraction_train: float, min_train_nodes: int) -> None:
+                 fraction_train: float, min_train_nodes: int, *,
+                 wire_dtype: str = "float32") -> None:
+        if wire_dtype != "float32":   # rounding the clipped reply to float16 can push it past C
+            raise ValueError(f"differential privacy needs wire-dtype 'float32', got "
+                             f"{wire_dtype!r}")
         self.settings = settings
         self.path = Path(out_dir) / LEDGER_NAME
         self.node_ids = sorted(int(n) for n in node_ids)
@@ -300,30 +297,26 @@ class DpRun:
         self.stop_reason: str | None = None
         self.wrapper: AccountedClientSideFixedClipping | None = None
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, object], out_dir: Path, node_ids: Iterable[int],
-                    min_train_nodes: int) -> DpRun | None:
-        settings = DpSettings.from_config(cfg)
-        if settings is None:
-            return None
-        wire = str(cfg.get("wire-dtype", "float32"))
-        if wire != "float32":   # rounding the clipped reply to float16 can push it past C
-            raise ValueError(f"differential privacy needs wire-dtype 'float32', got {wire!r}")
-        return cls(settings, out_dir, node_ids, float(cfg["fraction-train"]),  # type: ignore[arg-type]
-                   min_train_nodes)
+    def make_strategy(self, rule: str, **kwargs: Any) -> SharedKeyStrategy:
+        """Like `strategy.make_strategy`, with equal weights (DP needs a plain average):
+        only rule "fedavg" (the sensitivity of median/trimmed-mean/Krum is not C/m) with
+        Flower's arithmetic (the other backends weight by num-examples themselves).
 
-    def make_strategy(self, rule: str, **kwargs: Any) -> UniformSharedKeyFedAvg:
-        """Like `strategy.make_strategy`, with equal weights (DP needs a plain average).
-
-        `weighting` is forced to "equal" so that `round_log` records the weight DP really
-        uses (1 each); `max_num_examples` still rejects absurd claims."""
+        `weighting` is forced to "equal" so that the round report records the weight DP
+        really uses (1 each); `max_num_examples` still rejects absurd claims."""
+        if normalize_rule(rule) != "fedavg":
+            raise ValueError(f"differential privacy needs aggregation 'fedavg', got {rule!r}")
+        backend = normalize_backend(kwargs.pop("backend", "flower"))
+        if backend != "flower":
+            raise ValueError(f"differential privacy needs aggregation-backend 'flower', "
+                             f"got {backend!r}")
         if kwargs.get("weighting", "equal") != "equal":
             log(INFO, "DP: weighting %r ignored: differential privacy averages with equal "
                 "weights", kwargs["weighting"])
         kwargs["weighting"] = "equal"
-        return UniformSharedKeyFedAvg(rule=normalize_rule(rule), **kwargs)
+        return make_strategy("fedavg", rules={"fedavg": _uniform_fedavg}, **kwargs)
 
-    def wrap(self, strategy: SharedKeyFedAvg) -> AccountedClientSideFixedClipping:
+    def wrap(self, strategy: SharedKeyStrategy) -> AccountedClientSideFixedClipping:
         s = self.settings
         self.wrapper = AccountedClientSideFixedClipping(
             strategy, s.noise_multiplier, s.clipping_norm, self.num_sampled,
@@ -359,8 +352,7 @@ class DpRun:
 
     def record_round(self, index: int, stage: str) -> None:
         assert self.wrapper is not None
-        info = dict(self.wrapper.current_round)
-        self.wrapper.current_round = {}
+        info = self.wrapper.take_round()
         self.rounds.append({"round": index, "stage": stage, **info})
         self.write()
 
@@ -409,7 +401,7 @@ class DpRun:
             }
         return {
             "schema_version": 1,
-            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "mechanism": "DP-FedAvg: client-side fixed clipping (Flower fixedclipping_mod) + "
                          "server-side Gaussian noise (Flower DifferentialPrivacyClientSideFixedClipping)",
             "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
@@ -430,9 +422,18 @@ class DpRun:
         }
 
     def write(self) -> Path:
-        _atomic_write_json(self.path, self.ledger())
+        text = json.dumps(self.ledger(), indent=2, sort_keys=True)
+        write_atomic(self.path, lambda f: f.write(text.encode("utf-8")))
         return self.path
 
 
-__all__ = ["AccountedClientSideFixedClipping", "DP_WEIGHT_KEY", "DpRun", "DpSettings",
-           "LEDGER_NAME", "UniformSharedKeyFedAvg", "expected_sample_size"]
+__all__ = [
+    "DP_WEIGHT_KEY",
+    "LEDGER_NAME",
+    "AccountedClientSideFixedClipping",
+    "DpRun",
+    "DpSettings",
+    "UniformFedAvg",
+    "dp_settings",
+    "expected_sample_size",
+]

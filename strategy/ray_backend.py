@@ -1,6 +1,6 @@
 """Weighted mean of client updates as Ray tasks: parameter shards x tree reduction.
 
-``aggregation-backend = "ray"`` (see `strategy.aggregation.SharedKeyFedAvg`). Pure NumPy + Ray,
+``aggregation-backend = "ray"`` (`strategy.backends.ray_average`). Pure NumPy + Ray,
 no Flower, so it can be tested and benchmarked on its own.
 
 How it works
@@ -12,9 +12,10 @@ How it works
 * Per shard, a **tree reduction** with fan-in `fan_in` (2 = pairwise): every `fan_in` update
   shards go to a leaf task computing the partial weighted sum ``sum_i w_i a_i``
   (`strategy.streaming.StreamingWeightedMean`; float64 accumulators by default, float32
-  when the strategy calls it); every `fan_in` partial sums of one level go to a combine task one level up. Object references
-  released by the driver are freed by Ray once the task that reads them is done, so the
-  object store holds O(fan_in * tree depth + tasks in flight) shards, not N updates.
+  when the strategy calls it); every `fan_in` partial sums of one level go to a combine task
+  one level up. Object references released by the driver are freed by Ray once the task
+  that reads them is done, so the object store holds O(fan_in * tree depth + tasks in flight)
+  shards, not N updates.
 * Backpressure: before putting the next update the driver waits for tasks to finish while
   `max_in_flight` tasks are pending (default: twice the cluster's CPUs) or while the shards
   and partial sums not yet consumed by a finished task exceed `max_pending_bytes` (default:

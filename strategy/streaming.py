@@ -22,14 +22,14 @@ accumulator per key, in place:
 
 `result()` divides by the total weight and returns arrays with the first update's (or a given
 reference's) key order, shapes and dtypes; integer arrays are rounded to nearest first, as
-`strategy.aggregation._like_reference` does for Flower's result.  NumPy arrays in and out and no
-Flower, so Ray workers (`strategy.ray_backend`) use it too.
+the server's screening (`strategy.screening`) does for Flower's result.  NumPy arrays in and
+out and no Flower, so Ray workers (`strategy.ray_backend`) use it too.
 
 Any finite weight > 0 is accepted, however large: weights are folded relative to a running
 scale (1.0 unless a weight above `RESCALE_ABOVE` arrives, which rescales the accumulators once),
 so a factor never exceeds what float32 holds (torch refuses to multiply a float32 tensor by
 3.5e38) and huge but similar weights still give the exact mean.  The server itself passes
-weights normalised to sum to 1 (`strategy.aggregation`); the guard is for everyone else.
+weights normalised to sum to 1 (`strategy.screening`); the guard is for everyone else.
 """
 
 from __future__ import annotations

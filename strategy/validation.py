@@ -21,7 +21,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common import NDArray
 from flwr.common.constant import SType

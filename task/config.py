@@ -1,17 +1,29 @@
-"""The run config: every key's default and the check of every value.
+"""The run config: one typed, range-checked object read by the server, the sites and the tools.
 
-pyproject.toml's [tool.flwr.app.config] declares the keys `flwr run` accepts; this module holds
-their defaults and ranges.
+pyproject.toml's [tool.flwr.app.config] is the one place that declares the keys `flwr run`
+accepts and their defaults; `RunConfig` below gives each key a typed attribute (snake_case for
+"kebab-case") and `run_config` checks every value.  The file is read from the checkout or Flower
+app folder (pyproject.toml next to task/), or from the copy a wheel carries (task/pyproject.toml),
+so an installed package sees the same defaults as `flwr run`.
+
+Keys named like a field of `minusface.presets.Preset` (batch-size, lr, backbone, ...) override
+that field of the chosen preset; their default, 0 or "", keeps the preset's value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import tomllib
+import typing
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
-from minusface.presets import PRESETS
+from minusface.backbones import BACKBONES
+from minusface.presets import PRESETS, Preset
 from simulation.partition import SCHEMES
 from task.wire import WIRE_DTYPES
 
@@ -19,75 +31,155 @@ AGGREGATION_RULES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
 AGGREGATION_BACKENDS = ("flower", "streaming", "ray")
 WEIGHTINGS = ("num-examples", "equal")
 
-# Run-config keys (a contract: scripts and docs rely on these names), with defaults.
-RUN_CONFIG_DEFAULTS: dict[str, object] = {
-    "preset": "tiny",
-    "stage1-rounds": 1,
-    "stage2-rounds": 1,
-    "local-epochs": 1,
-    "fraction-train": 1.0,
-    "fraction-evaluate": 1.0,
-    "data-path": "",
-    "out-dir": "",
-    "min-nodes": 2,
-    "eval-fold": 0,
-    "partition-scheme": "uniform",
-    "partition-seed": 0,
-    "max-identities": 40,
-    "server-eval-pairs": 100,
-    "aggregation": "fedavg",
-    "aggregation-backend": "flower",
-    "max-update-norm": 0.0,
-    # seconds the server waits for replies in each phase of a round (Flower's default 3600);
-    # sampled nodes that have not replied by then are dropped from the round.  A killed node
-    # is dropped sooner: the SuperLink answers for it once it misses its heartbeats (~60 s)
-    "round-timeout": 3600.0,
-    "seed": 0,
-    # dtype of floating-point weights on the wire, both ways: float32 or float16 (half the bytes;
-    # the server keeps and checkpoints a float32 master copy).  NumPy has no bfloat16, so
-    # Flower's ArrayRecord cannot carry it.
-    "wire-dtype": "float32",
-    # after training, every site attacks its own faces (evaluate.privacy, federation/privacy_round.py)
-    "privacy-eval": False,
+Value = bool | int | float | str
+_KEY = "run-config-key"        # field metadata: the key, where it is not the kebab-case name
+_OVERRIDES = "preset-field"    # field metadata: the key overrides this Preset field when set
+
+
+def _override() -> typing.Any:
+    return field(metadata={_OVERRIDES: True})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key as a typed attribute; build it with `run_config(raw)`."""
+
+    preset_name: str = field(metadata={_KEY: "preset"})     # a name in minusface.presets.PRESETS
+    stage1_rounds: int
+    stage2_rounds: int                 # 0 = stage 1 only
+    local_epochs: int
+    fraction_train: float
+    fraction_evaluate: float           # 0 = no client evaluation
+    data_path: str                     # "" = $MINUSFED_DATA or the default data folder
+    out_dir: str                       # "" = <cwd>/runs/flwr-run-<id>; else an absolute path
+    min_nodes: int
+    eval_fold: int                     # LFW View 2 fold of the server-side benchmark
+    partition_scheme: str
+    partition_seed: int
+    max_identities: int                # 0 = all
+    server_eval_pairs: int             # 0 = all pairs of the fold
+    aggregation: str
+    aggregation_backend: str
+    max_update_norm: float             # 0 = off
+    # seconds the server waits for replies in each phase of a round; sampled nodes that have
+    # not replied by then are dropped (a killed node sooner, once it misses its heartbeats)
+    round_timeout: float
+    seed: int
+    # floating-point weights on the wire, both ways (float16: half the bytes; the server keeps
+    # a float32 master copy).  NumPy, and so Flower's ArrayRecord, has no bfloat16
+    wire_dtype: str
+    privacy_eval: bool                 # after training every site attacks its own faces
     # central DP (strategy/dp.py): noise multiplier z (0 = off), client clipping norm C,
-    # accountant delta, stop before epsilon would exceed this (0 = no cap)
-    "dp-noise-multiplier": 0.0,
-    "dp-clipping-norm": 1.0,
-    "dp-target-delta": 1e-5,
-    "dp-max-epsilon": 0.0,
-    # FedAvg weights (strategy/aggregation.py, "Weights"): "num-examples" (each site's claim,
-    # bounded below) or "equal" (weight 1 each); a claim above max-num-examples is rejected;
-    # each weight is clipped to max-weight-ratio x the median weight of the round (0 = off)
-    "weighting": "num-examples",
-    "max-num-examples": 1_000_000,
-    "max-weight-ratio": 4.0,
-}
+    # accountant delta, stop before epsilon would exceed the cap (0 = no cap)
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
+    dp_target_delta: float
+    dp_max_epsilon: float
+    # FedAvg weights (strategy/aggregation.py): each site's claim or 1 each; a claim above
+    # max-num-examples is rejected; weights clipped to max-weight-ratio x the median (0 = off)
+    weighting: str
+    max_num_examples: int
+    max_weight_ratio: float
+    # preset overrides: 0 / "" = the preset's value
+    backbone: str = _override()
+    backbone_width: int = _override()
+    generator_width: int = _override()
+    batch_size: int = _override()
+    lr: float = _override()
+    max_images_per_identity: int = _override()
+
+    def preset(self) -> Preset:
+        """The named preset with this run's overrides applied."""
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.metadata.get(_OVERRIDES) and getattr(self, f.name)}
+        preset = dataclasses.replace(PRESETS[self.preset_name], **changes)
+        if preset.backbone == "mobilefacenet":          # a fixed width (minusface.backbones)
+            preset = dataclasses.replace(preset, backbone_width=None)
+        return preset
+
+    def preset_overrides(self) -> dict[str, Value]:
+        """The preset-override keys and their values (0 / "" = not overridden)."""
+        return {_key(f): getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get(_OVERRIDES)}
+
+    def to_flower(self) -> dict[str, Value]:
+        """The kebab-case mapping `flwr run --run-config` and a Flower Context carry."""
+        return {_key(f): getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def run_config(raw: Mapping[str, object]) -> dict[str, object]:
-    """Defaults overlaid with the run config; a clear error (ValueError or TypeError starting
-    "run config 'KEY':") for a mistyped or out-of-range value.  Unknown keys pass through
-    (`flwr run` already refuses keys pyproject.toml does not declare)."""
-    cfg = dict(RUN_CONFIG_DEFAULTS)
+def _key(f: dataclasses.Field) -> str:
+    return str(f.metadata.get(_KEY, f.name.replace("_", "-")))
+
+
+@cache
+def key_types() -> dict[str, type]:
+    """Run-config key -> the Python type its value must have."""
+    hints = typing.get_type_hints(RunConfig)
+    return {_key(f): hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def pyproject_path() -> Path:
+    """pyproject.toml that declares the run config: the wheel's copy first, then the one of the
+    checkout or Flower app folder this package runs from."""
+    here = Path(__file__).resolve()
+    candidates = (here.with_name("pyproject.toml"), here.parents[1] / "pyproject.toml")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        "no pyproject.toml declaring the run config: looked for "
+        f"{' and '.join(str(p) for p in candidates)} (reinstall the package or the Flower app)")
+
+
+@cache
+def declared_defaults() -> dict[str, Value]:
+    """[tool.flwr.app.config] of pyproject.toml: every key and its default."""
+    path = pyproject_path()
+    try:
+        declared = tomllib.loads(path.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    except KeyError:
+        raise ValueError(f"{path} has no [tool.flwr.app.config] table") from None
+    missing = sorted(set(key_types()) - set(declared))
+    extra = sorted(set(declared) - set(key_types()))
+    if missing or extra:
+        raise ValueError(f"{path} [tool.flwr.app.config] does not match task.config.RunConfig: "
+                         f"missing {missing or 'none'}, not in RunConfig {extra or 'none'}")
+    return dict(declared)
+
+
+def run_config(raw: Mapping[str, object]) -> RunConfig:
+    """pyproject.toml's defaults overlaid with `raw` (Flower's Context.run_config), checked.
+
+    A clear error starting "run config 'KEY':" for an unknown key (ValueError, naming the valid
+    keys), a mistyped value (TypeError) or an out-of-range one (ValueError)."""
+    types = key_types()
+    values: dict[str, object] = dict(declared_defaults())
     for key, value in raw.items():
-        if key in RUN_CONFIG_DEFAULTS:
-            default = RUN_CONFIG_DEFAULTS[key]
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if type(value) is not type(default):
-                raise TypeError(f"run config {key!r}: expected {type(default).__name__}, got "
-                                f"{value!r} ({type(value).__name__})")
-        cfg[key] = value
+        if key not in types:
+            raise ValueError(f"run config {key!r}: unknown key; valid keys: {', '.join(types)}")
+        values[key] = value
+    for key, value in values.items():
+        want = types[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = values[key] = float(value)
+        if type(value) is not want:
+            raise TypeError(f"run config {key!r}: expected {want.__name__}, got "
+                            f"{value!r} ({type(value).__name__})")
     for key, check in _CHECKS.items():
-        problem = check(cfg[key])
+        problem = check(values[key])
         if problem:
-            raise ValueError(f"run config {key!r}: expected {problem}, got {cfg[key]!r}")
+            raise ValueError(f"run config {key!r}: expected {problem}, got {values[key]!r}")
+    if values["backbone-width"] and (values["backbone"] or PRESETS[str(values["preset"])].backbone
+                                     ) == "mobilefacenet":
+        raise ValueError(f"run config 'backbone-width': expected 0 with backbone mobilefacenet "
+                         f"(its width is fixed), got {values['backbone-width']!r}")
     for key, normalize in _named_choices().items():
         try:
-            cfg[key] = normalize(str(cfg[key]))
+            values[key] = normalize(str(values[key]))
         except ValueError as exc:
             raise ValueError(f"run config {key!r}: {exc}") from None
-    return cfg
+    by_key = {_key(f): f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{by_key[k]: v for k, v in values.items()})
 
 
 def _at_least(low: float, note: str = "") -> Callable[[object], str | None]:
@@ -101,14 +193,26 @@ def _at_least(low: float, note: str = "") -> Callable[[object], str | None]:
 def _fraction(zero_ok: bool) -> Callable[[object], str | None]:
     def check(value: object) -> str | None:
         v = float(value)  # type: ignore[arg-type]
-        ok = math.isfinite(v) and (0 <= v if zero_ok else 0 < v) and v <= 1
+        ok = math.isfinite(v) and (v >= 0 if zero_ok else v > 0) and v <= 1
         return None if ok else f"a fraction in {'[0' if zero_ok else '(0'}, 1]"
     return check
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[object], str | None]:
+def _one_of(choices: tuple[str, ...], unset_ok: bool = False) -> Callable[[object], str | None]:
     def check(value: object) -> str | None:
-        return None if value in choices else f"one of {', '.join(choices)}"
+        ok = value in choices or (unset_ok and value == "")
+        return None if ok else ('"" (the preset\'s) or ' if unset_ok else "") + \
+            f"one of {', '.join(choices)}"
+    return check
+
+
+def _unset_or_at_least(low: int) -> Callable[[object], str | None]:
+    """Preset overrides: 0 keeps the preset's value."""
+    def check(value: object) -> str | None:
+        v = float(value)  # type: ignore[arg-type]
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        ok = v == 0 or (math.isfinite(v) and v >= low)
+        return None if ok else f"0 (the preset's) or {kind} {'>= ' + format(low, 'g') if low else '> 0'}"
     return check
 
 
@@ -155,8 +259,8 @@ def _named_choices() -> dict[str, Callable[[str], str]]:
 
 
 _CHECKS: dict[str, Callable[[object], str | None]] = {
-    "preset": lambda v: None if v in PRESETS else f"one of {', '.join(PRESETS)}",
-    "wire-dtype": lambda v: None if v in WIRE_DTYPES else f"one of {', '.join(WIRE_DTYPES)}",
+    "preset": _one_of(tuple(PRESETS)),
+    "wire-dtype": _one_of(tuple(WIRE_DTYPES)),
     "stage1-rounds": _at_least(1),
     "stage2-rounds": _at_least(0, " (0 = stage 1 only)"),
     "local-epochs": _at_least(1),
@@ -178,6 +282,12 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "dp-max-epsilon": _at_least(0, " (0 = no cap)"),
     "max-num-examples": _at_least(1),
     "max-weight-ratio": _weight_ratio,
+    "backbone": _one_of(BACKBONES, unset_ok=True),
+    "backbone-width": _unset_or_at_least(1),
+    "generator-width": _unset_or_at_least(1),
+    "batch-size": _unset_or_at_least(2),               # BatchNorm needs two faces per batch
+    "lr": _unset_or_at_least(0),
+    "max-images-per-identity": _unset_or_at_least(2),  # an identity needs two faces to train
 }
 
 

@@ -12,7 +12,6 @@ attack its own faces; the reply is one MetricRecord "privacy" of numbers only.
 
 STAGE1 = "stage1"
 STAGE2 = "stage2"
-STAGES = (STAGE1, STAGE2)
 
 ARRAYS = "arrays"
 CONFIG = "config"

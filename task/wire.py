@@ -12,7 +12,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -53,18 +52,28 @@ def like_received(state: Mapping[str, torch.Tensor],
     return out
 
 
+def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One module's state dict -> its keys on the wire: "enc1.0.weight" -> "generator.enc1.0.weight"."""
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unflatten(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of `prefixed`: the state dict of module `prefix` (other modules' keys dropped)."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+def select(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The keys of module `prefix`, prefix kept (the frozen-generator record of stage-1 arrays)."""
+    return prefixed(unflatten(state, prefix), prefix)
+
+
 def flatten(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     """{"generator": g, "recognizer": f} -> {"generator.enc1.0.weight": ..., ...} on CPU."""
     out: dict[str, torch.Tensor] = {}
     for prefix, module in modules.items():
-        for key, value in module.state_dict().items():
-            out[f"{prefix}.{key}"] = value.detach().cpu()
+        out.update(prefixed({k: v.detach().cpu() for k, v in module.state_dict().items()}, prefix))
     return out
-
-
-def unflatten(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    p = prefix + "."
-    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
 
 
 def load_shared(modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor]) -> None:

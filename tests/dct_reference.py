@@ -1,4 +1,5 @@
-"""Plain reference of e and d, step by step as the spec writes them (materializes 896x896)."""
+"""Plain reference of e and d, step by step as docs/method.md describes them (materializes
+896x896)."""
 from __future__ import annotations
 
 import torch

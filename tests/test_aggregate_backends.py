@@ -1,7 +1,7 @@
 """Aggregation backends: streaming (strategy/streaming.py) and Ray (strategy/ray_backend.py).
 
 Both must give the plain weighted average (and Flower's FedAvg result) to float rounding, with
-the reference's key order and dtypes, and plug into `SharedKeyFedAvg(backend=...)` without
+the reference's key order and dtypes, and plug into `make_strategy(backend=...)` without
 changing validation or metrics.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from strategy import BACKENDS, SharedKeyFedAvg, StreamingWeightedMean, make_strategy
+from strategy import BACKENDS, StreamingWeightedMean, make_strategy
+from strategy.backends import BACKEND_AVERAGES, ray_average, streaming_average
 from strategy.ray_backend import plan_shards
 from strategy.streaming import weighted_mean
 from tests.test_strategy import (  # noqa: F401  (task_identity: autouse fixture)
@@ -252,7 +253,7 @@ def test_ray_takes_any_finite_weight(local_ray) -> None:
                                        want[key].astype(np.float64), rtol=1e-5, atol=1e-6)
 
 
-# --- SharedKeyFedAvg(backend=...) ----------------------------------------------------------
+# --- make_strategy(backend=...) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["streaming", "ray"])
@@ -282,7 +283,7 @@ def test_strategy_backend_rejects_bad_update_and_averages_the_rest(
     assert got["w"].dtype == np.float32
     assert got["bn.count"].dtype == np.int64 and got["bn.count"].shape == ()
     assert got["bn.count"] == 7  # (10*4 + 30*8) / 40
-    assert sorted(r["node_id"] for r in strategy.rejected) == [7, 99]
+    assert sorted(r["node_id"] for r in strategy.take_report().rejected) == [7, 99]
     assert metrics["train_loss"] == pytest.approx((10 * 1 + 30 * 2) / 40)
 
     flower = configured(reference, max_update_norm=50.0)
@@ -295,8 +296,10 @@ def test_strategy_backend_rejects_bad_update_and_averages_the_rest(
 
 def test_backend_names() -> None:
     assert BACKENDS == ("flower", "streaming", "ray")
-    assert make_strategy("fedavg", backend=" Streaming ").backend == "streaming"
-    assert SharedKeyFedAvg().backend == "flower"
+    assert {"flower": None, "streaming": streaming_average,
+                                "ray": ray_average} == BACKEND_AVERAGES
+    assert make_strategy("fedavg", backend=" Streaming ").strategy.average is streaming_average
+    assert type(make_strategy().strategy) is FedAvg          # "flower": Flower's own FedAvg
     with pytest.raises(ValueError, match="valid backends: flower, streaming, ray"):
         make_strategy("fedavg", backend="dask")
 
@@ -323,7 +326,7 @@ def test_strategy_backends_weigh_like_flower_after_clipping(request: pytest.Fixt
         strategy = configured(reference, backend=backend)
         replies = [reply(i + 1, record(u), n) for i, (u, n) in enumerate(zip(ups, claims))]
         arrays, _ = strategy.aggregate_train(1, replies)
-        assert arrays is not None and strategy.round_log[-1]["weight"] == 400
+        assert arrays is not None and strategy.take_report().replies[-1]["weight"] == 400
         results[backend] = values(arrays)
     want = by_hand(ups, [100, 120, 90, 400])
     for backend, got in results.items():
@@ -334,7 +337,7 @@ def test_strategy_backends_weigh_like_flower_after_clipping(request: pytest.Fixt
 
 
 def test_run_config_has_the_backend_key() -> None:
-    from task.config import RUN_CONFIG_DEFAULTS, run_config
+    from task.config import run_config
 
-    assert RUN_CONFIG_DEFAULTS["aggregation-backend"] == "flower"
-    assert run_config({"aggregation-backend": "ray"})["aggregation-backend"] == "ray"
+    assert run_config({}).aggregation_backend == "flower"
+    assert run_config({"aggregation-backend": "ray"}).aggregation_backend == "ray"

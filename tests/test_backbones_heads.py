@@ -1,4 +1,5 @@
-"""Backbones (spec 8.1), margin heads (spec 8.2) and the weight-decay split."""
+"""Backbones, margin heads and the weight-decay split (docs/method.md, "Recognizers f and f_p",
+"Margin heads")."""
 
 from __future__ import annotations
 

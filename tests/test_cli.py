@@ -5,9 +5,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minusfed.cli import main
 from minusface.generator import UNetGenerator
 from minusface.weights import save_generator
+from minusfed.cli import main
 
 
 def _face(path, mode="RGB", size=(112, 112), seed=0):

@@ -1,16 +1,12 @@
-"""bench/cold_message.py: a ClientApp message in a fresh process, cold then warm."""
+"""bench.cold_message: a ClientApp message in a fresh process, cold then warm."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import cold_message  # noqa: E402
+from bench import cold_message
 
 
 def test_cold_message_measures_each_kind_in_a_fresh_process(lfw_root, tmp_path, capsys):

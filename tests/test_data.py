@@ -10,10 +10,19 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from clients.data import (FaceDataset, ImageError, decode_image, identities_in_pairs, load_faces,
-                          load_image,
-                          pair_index, read_pairs, scan_identity_folders, view1_split,
-                          view2_fold_split)
+from clients.data import (
+    FaceDataset,
+    ImageError,
+    decode_image,
+    identities_in_pairs,
+    load_faces,
+    load_image,
+    pair_index,
+    read_pairs,
+    scan_identity_folders,
+    view1_split,
+    view2_fold_split,
+)
 
 SAMPLE = "images/Aaron_Peirsol/Aaron_Peirsol_0001.jpg"
 
@@ -44,7 +53,7 @@ def test_load_image_range_and_formula(lfw_root: Path) -> None:
     assert x.shape == (3, 112, 112) and x.dtype == torch.float32
     raw = np.asarray(Image.open(lfw_root / SAMPLE).convert("RGB"), dtype=np.float32)
     assert torch.equal(x, torch.from_numpy((raw / 255 - 0.5) / 0.5).permute(2, 0, 1))
-    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= -1.0 and x.max() <= 1.0
 
 
 def test_non_image_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -258,7 +267,7 @@ def test_cache_round_trip_equals_direct_decode(tmp_path: Path, monkeypatch) -> N
     assert cached.identities == direct.identities and cached.paths == direct.paths
     assert all(torch.equal(cached[i][0], direct[i][0]) for i in range(direct.num_images))
 
-    import clients.data as data_mod                    # a matching cache must not decode
+    import clients.data as data_mod  # a matching cache must not decode
     monkeypatch.setattr(data_mod, "_decode_all", lambda *a, **k: pytest.fail("decoded"))
     again = load_faces(root, cache=cache, train=True, repeat=3)
     assert again.train and len(again) == 3 * direct.num_images

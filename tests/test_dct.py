@@ -1,4 +1,5 @@
-"""The fixed encoder e and decoder d: spec properties and equality with the plain reference."""
+"""The fixed encoder e and decoder d: the properties docs/method.md lists, and equality with the
+plain reference."""
 from __future__ import annotations
 
 import torch
@@ -85,7 +86,7 @@ def test_decode_of_encode_is_close_to_identity_on_real_faces(lfw_root):
     err = (back - faces).abs()
     print(f"\nd(e(X)) on {len(paths)} LFW faces, [-1, 1] units: mean {err.mean():.4f}, "
           f"max {err.max():.4f}")
-    # bilinear up- then down-sampling smooths slightly: small but non-zero (spec section 5)
+    # bilinear up- then down-sampling smooths slightly: small but non-zero (docs/method.md, "Decoder d")
     assert 1e-4 < float(err.mean()) < 0.01      # measured 0.0017
     assert float(err.max()) < 0.15                # measured 0.058
 

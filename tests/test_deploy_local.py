@@ -18,9 +18,16 @@ from pathlib import Path
 import pytest
 
 from federation.deploy import cli as deploy_cli
-from federation.deploy.local import (CONNECTION, commands_for_sites, register_node,
-                                     superlink_command, supernode_command, wait_healthy_tls,
-                                     write_connection)
+from federation.deploy.local import (
+    CONNECTION,
+    commands_for_sites,
+    register_node,
+    superlink_command,
+    supernode_command,
+    wait_healthy_tls,
+    write_connection,
+)
+from tests.run_outcome import assert_honest_replies_accepted, assert_stage1_weights_moved
 
 REFUSAL_TIMEOUT = 90.0   # a SuperNode start-up takes ~5-12 s on a busy 2-core machine
 
@@ -165,6 +172,7 @@ def test_deploy_commands_match_flower_flags():
 # ---------------------------------------------------------------- slow: a real deployment
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)    # its own waits (up to 900 s per run) fail first, with a reason
 def test_deploy_local_tls_auth_three_nodes_end_to_end(lfw_root, tmp_path, capsys):
     from federation.deploy.local import deploy_local
     from tests.test_federation import tiny_config
@@ -185,6 +193,8 @@ def test_deploy_local_tls_auth_three_nodes_end_to_end(lfw_root, tmp_path, capsys
     assert [r["round"] for r in lines if "client" not in r] == [1, 2]
     assert len({r["client"]["node_id"] for r in lines if "client" in r}) == 3
     assert (run_out / "final" / "generator.pt").exists()
+    assert_honest_replies_accepted(run_out, every=True)
+    assert_stage1_weights_moved(run_out)
 
     deploy = tmp_path / "deploy"
     keys = deploy / "keys"

@@ -30,8 +30,15 @@ import pytest
 from federation.deploy import cli as deploy_cli
 from federation.deploy import superlink as sl
 from federation.deploy import supernode as sn
-from federation.deploy.app_digest import (AppDigestError, app_digest, build_fab, fab_digest,
-                                          load_pins, parse_digest, parse_pins)
+from federation.deploy.app_digest import (
+    AppDigestError,
+    app_digest,
+    build_fab,
+    fab_digest,
+    load_pins,
+    parse_digest,
+    parse_pins,
+)
 from simulation.launch import flwr_bin, flwr_env, free_port, stop
 
 FOREIGN_PYPROJECT = """\
@@ -166,7 +173,7 @@ def test_digest_refuses_what_is_not_a_clean_fab(tmp_path):
 def test_pins_parser_names_the_bad_line(tmp_path):
     good = "ab" * 32
     assert parse_digest(good.upper()) == good
-    assert parse_pins([f"# release 1.2\n", f"{good}  # minusfed 0.1.0", "", good], "p") == \
+    assert parse_pins(["# release 1.2\n", f"{good}  # minusfed 0.1.0", "", good], "p") == \
         [good, good]
     for bad in ("ab" * 31, "zz" * 32, good + "0", "sha256:" + good):
         with pytest.raises(ValueError, match=r"pins:3: expected a 64-hex-digit app digest"):
@@ -259,8 +266,7 @@ class _Site:
         from flwr.app import ConfigRecord, Message, RecordDict
         from flwr.app.metadata import Metadata
         from flwr.supercore.fab import Fab
-        from flwr.supercore.inflatable.inflatable_object import (get_all_nested_objects,
-                                                                 get_object_tree)
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
         from flwr.supercore.run import Run
         msg = Message(metadata=Metadata(run_id=run_id, message_id="", src_node_id=1,
                                         dst_node_id=5, reply_to_message_id="", group_id="1",
@@ -484,9 +490,17 @@ def _wait_finished(run_id: int, env: dict, timeout: float) -> dict:
 @pytest.mark.slow
 def test_foreign_app_is_refused_by_every_pinned_site(tmp_path, capsys):
     from federation.deploy.keys import make_ca_and_server_cert, make_node_keys
-    from federation.deploy.local import (CONNECTION, ROOT, _popen, register_node,
-                                         site_thread_env, superlink_command, supernode_command,
-                                         wait_healthy_tls, write_connection)
+    from federation.deploy.local import (
+        CONNECTION,
+        ROOT,
+        _popen,
+        register_node,
+        site_thread_env,
+        superlink_command,
+        supernode_command,
+        wait_healthy_tls,
+        write_connection,
+    )
     from simulation.launch import submit_run
 
     t0 = time.monotonic()

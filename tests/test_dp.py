@@ -7,19 +7,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
-                      RecordDict)
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import RdpAccountant
-from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation,
-                                               PrivacyConfig, SamplingMethod)
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.dp import dp_clipping_mod
 from clients.guard import outbound_guard
-from task.records import FROZEN_GENERATOR
 from simulation.inprocess import InProcessGrid
-from strategy.dp import LEDGER_NAME, DpRun, DpSettings
+from strategy.dp import LEDGER_NAME, DpRun, DpSettings, dp_settings
+from task.config import run_config
+from task.records import FROZEN_GENERATOR
 
 N = 20_000                                     # elements: noise std estimated to about 0.5 %
 Z, C = 0.8, 0.5
@@ -173,18 +186,38 @@ def test_ledger_fields_partial_sampling_and_budget_stop(tmp_path):
     assert rounds == 2 and led2["budget_exhausted"] and led2["epsilon"] <= led2["max_epsilon"]
 
 
-def test_dp_settings_from_run_config():
-    assert DpSettings.from_config({"dp-noise-multiplier": 0.0}) is None
-    s = DpSettings.from_config({"dp-noise-multiplier": 1.0, "dp-clipping-norm": 2.0,
-                                "dp-target-delta": 1e-6, "dp-max-epsilon": 0.0})
-    assert s == DpSettings(1.0, 2.0, 1e-6, None)
+def test_dp_settings_from_run_config_values():
+    cfg = run_config({"dp-noise-multiplier": 1.0, "dp-clipping-norm": 2.0,
+                      "dp-target-delta": 1e-6})
+    assert dp_settings(0.0, 1.0, 1e-5, 0.0) is None                  # z = 0: DP off
+    s = dp_settings(cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_target_delta,
+                    cfg.dp_max_epsilon)
+    assert s == DpSettings(1.0, 2.0, 1e-6, None)                     # max-epsilon 0: no cap
     with pytest.raises(ValueError, match="dp-target-delta"):
-        DpSettings.from_config({"dp-noise-multiplier": 1.0, "dp-target-delta": 1.5})
+        dp_settings(1.0, 1.0, 1.5, 0.0)
     with pytest.raises(ValueError, match="wire-dtype"):
-        DpRun.from_config({"dp-noise-multiplier": 1.0, "fraction-train": 1.0, "wire-dtype": "float16"},
-                          Path("/x"), [1, 2], 2)
+        DpRun(s, Path("/x"), [1, 2], 1.0, 2, wire_dtype="float16")
     with pytest.raises(ValueError, match="fedavg"):
         DpRun(s, Path("/x"), [1, 2], 1.0, 2).make_strategy("median")
+    with pytest.raises(ValueError, match="aggregation-backend 'flower'"):
+        DpRun(s, Path("/x"), [1, 2], 1.0, 2).make_strategy("fedavg", backend="streaming")
+
+
+def test_start_returns_the_round_report_through_the_dp_wrapper(tmp_path):
+    seen: list = []
+    grid = InProcessGrid(fake_site({101: 1.0, 102: 1.0}, {101: 1, 102: 1}, seen), 2, {})
+    dp = DpRun(DpSettings(Z, C, 1e-5, None), tmp_path, grid.get_node_ids(), 1.0, 2)
+    wrapper = dp.wrap(dp.make_strategy("fedavg", min_train_nodes=2, min_available_nodes=2,
+                                       fraction_evaluate=0.0))
+    sent = ArrayRecord({k: Array(v) for k, v in reference().items()})
+    result = wrapper.start(grid=grid, initial_arrays=sent, num_rounds=1)
+    assert len(result.arrays) == len(sent)                           # released
+    assert sorted((e["phase"], e["node_id"], e["accepted"], e["weight"])   # replies arrive
+                  for e in result.report.replies) == [("train", 101, True, 1), ("train", 102, True, 1)]
+    assert result.report.node_summary()["nodes"]["train"]["replied"] == [101, 102]
+    dp.record_round(1, "stage1")
+    assert json.loads((tmp_path / LEDGER_NAME).read_text())["rounds"][0]["aggregated"] == \
+        [101, 102]
 
 
 @pytest.mark.slow      # a whole in-process federation: minutes on 2 busy cores

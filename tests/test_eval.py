@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from minusface.eval import (best_threshold, embed, pair_scores, roc_auc, tar_at_far,
-                            verification_metrics)
+from minusface.eval import best_threshold, embed, pair_scores, roc_auc, tar_at_far, verification_metrics
 
 # Hand example, 2 folds of 4 pairs (p = same, n = different):
 #   fold 0: 0.9p 0.6p 0.5n 0.2n      fold 1: 0.8p 0.4p 0.7n 0.1n
@@ -73,8 +72,8 @@ def test_auc_and_tar_match_brute_force_with_ties() -> None:
     brute = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum())
     assert roc_auc(s, y) == pytest.approx(brute / (pos.size * neg.size), abs=1e-12)
     for far in (0.0, 0.01, 0.05, 0.3, 1.0):
-        best = max((((pos >= t).mean(), -t) for t in np.append(s, np.inf)
-                    if (neg >= t).mean() <= far + 1e-12))
+        best = max(((pos >= t).mean(), -t) for t in np.append(s, np.inf)
+                    if (neg >= t).mean() <= far + 1e-12)
         r = tar_at_far(s, y, far)
         assert r["tar"] == pytest.approx(best[0]) and r["far"] <= far + 1e-12
 

@@ -37,10 +37,22 @@ import numpy as np
 import pytest
 import torch
 
-from federation.deploy.local import (CONNECTION, NODE_KEY_PREFIX, _cli, _popen, _prepare_keys,
-                                     _tail, register_node, site_thread_env, superlink_command,
-                                     supernode_command, wait_healthy_tls, write_connection)
+from federation.deploy.local import (
+    CONNECTION,
+    NODE_KEY_PREFIX,
+    _cli,
+    _popen,
+    _prepare_keys,
+    _tail,
+    register_node,
+    site_thread_env,
+    superlink_command,
+    supernode_command,
+    wait_healthy_tls,
+    write_connection,
+)
 from simulation.launch import ROOT, flwr_bin, flwr_env, free_port, run_status, stop, submit_run
+from tests.run_outcome import assert_honest_replies_accepted, assert_stage1_weights_moved
 from tests.test_deploy_local import _group_gone
 from tests.test_federation import tiny_config
 
@@ -266,6 +278,7 @@ def _print(capsys, text: str) -> None:
 # ---------------------------------------------------------------- 1. a SuperNode dies mid-round
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)    # its own waits (up to 900 s per run) fail first, with a reason
 def test_supernode_killed_mid_round_run_completes_and_names_the_dropped_node(
         lfw_root, tmp_path, capsys):
     out = tmp_path / "run-out"
@@ -323,6 +336,8 @@ def test_supernode_killed_mid_round_run_completes_and_names_the_dropped_node(
         assert len(dead_entries) == 1 and not dead_entries[0]["accepted"]
         assert "Node Unavailable" in " ".join(dead_entries[0]["problems"])
     assert all(c["client"]["accepted"] for c in clients if c["client"]["node_id"] != dead)
+    assert_honest_replies_accepted(out, every=True, honest=set(alive))
+    assert_stage1_weights_moved(out)
     assert sorted(c["client"]["node_id"] for c in clients if c["round"] == 2) == alive
     assert "sampled nodes dropped out" in run_log
     assert (out / "final" / "generator.pt").exists()
@@ -333,6 +348,7 @@ def test_supernode_killed_mid_round_run_completes_and_names_the_dropped_node(
 # ---------------------------------------------------------------- 2. SuperLink restarted
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)    # its own waits (up to 900 s per run) fail first, with a reason
 def test_superlink_restart_resumes_after_the_last_checkpointed_round(lfw_root, tmp_path, capsys):
     """Kill the SuperLink with its ServerApp after round 1 of 1 + 1; a fresh SuperLink on the
     same port (fresh in-memory state: the keys are registered again and the sites reconnect),
@@ -390,6 +406,8 @@ def test_superlink_restart_resumes_after_the_last_checkpointed_round(lfw_root, t
     assert [(r["round"], r["stage"]) for r in rounds] == [(1, "stage1"), (2, "stage2")]
     assert sorted(c["round"] for c in clients) == [1, 1, 2, 2]       # nothing done twice
     assert all(c["client"]["accepted"] for c in clients)
+    assert_honest_replies_accepted(out, every=True)
+    assert_stage1_weights_moved(out)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 2
     assert (out / "final" / "generator.pt").exists()
 
@@ -397,6 +415,7 @@ def test_superlink_restart_resumes_after_the_last_checkpointed_round(lfw_root, t
 # ---------------------------------------------------------------- 3. bad updates
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)    # its own waits (up to 900 s per run) fail first, with a reason
 def test_nan_oversized_and_malformed_updates_are_rejected_round_goes_on(
         lfw_root, tmp_path, capsys):
     out = tmp_path / "run-out"
@@ -418,6 +437,8 @@ def test_nan_oversized_and_malformed_updates_are_rejected_round_goes_on(
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in ck["arrays"].values())
     assert "fault.extra-key" not in ck["arrays"]
+    assert_honest_replies_accepted(out, every=True, honest={ids[0]})
+    assert_stage1_weights_moved(out)
     # the deployed ServerApp (an HTTPS grid) retries a dropped TLS connection (runtime_link.py)
     assert "runtime link: a dropped TLS connection is retried" in result.log
 
@@ -425,6 +446,7 @@ def test_nan_oversized_and_malformed_updates_are_rejected_round_goes_on(
 # ---------------------------------------------------------------- 3b. hostile sites
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)    # its own waits (up to 900 s per run) fail first, with a reason
 def test_hostile_sites_cannot_take_over_leak_or_stop_the_round(lfw_root, tmp_path, capsys):
     """Two honest sites and four hostile ones (clients/faults.py) on a TLS deployment: an
     over-weighted claim is rejected, an inflated one clipped, a 588 x 64-value metric leak
@@ -451,6 +473,8 @@ def test_hostile_sites_cannot_take_over_leak_or_stop_the_round(lfw_root, tmp_pat
         in text["handler-leak"]
     logged = (out / "metrics.jsonl").read_text()
     assert logged.count(LEAK_PREFIX) <= 16 and len(logged) < 200_000   # the leak is not stored
+    assert_honest_replies_accepted(out, every=True, honest=set(ids[:2]))
+    assert_stage1_weights_moved(out)
     assert rounds[0]["metrics"]["dropped"] == []
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in ck["arrays"].values())
@@ -459,6 +483,7 @@ def test_hostile_sites_cannot_take_over_leak_or_stop_the_round(lfw_root, tmp_pat
 # ---------------------------------------------------------------- 4. bad site data
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)    # its own waits (up to 900 s per run) fail first, with a reason
 def test_empty_and_corrupt_data_folders_fail_clearly_others_continue(lfw_root, tmp_path, capsys):
     """One deployment for both bad folders (each would cost a whole deployment alone)."""
     empty = tmp_path / "site-empty"
@@ -492,6 +517,8 @@ def test_empty_and_corrupt_data_folders_fail_clearly_others_continue(lfw_root, t
     assert f"images under {corrupt} could be decoded" in site_2
     assert "Alice_0001.jpg: corrupt or truncated image" in site_2
     assert rounds[0]["metrics"]["dropped"] == []       # they answered (with an error)
+    assert_honest_replies_accepted(out, every=True, honest={ids[0]})
+    assert_stage1_weights_moved(out)
     assert (out / "final" / "generator.pt").exists()
 
 
@@ -590,19 +617,18 @@ def test_metric_faults_are_rejected_or_bounded_by_the_server(task_identity):
     assert len(run(inject_handler_bug, "handler-leak").content["metrics"]) == LEAK_KEYS + 1
 
 
-def test_fault_hook_is_outermost_on_train_and_not_a_run_config_key():
+def test_fault_is_not_a_run_config_key_and_round_timeout_is_checked():
+    """Only a site's own node config switches the fault hook on (where it sits in the ClientApp
+    is checked by behaviour in tests/test_clientapp_leaks.py)."""
     import tomllib
 
-    from clients import client_app
-    from task.config import RUN_CONFIG_DEFAULTS
-    src = Path(client_app.__file__).read_text()
-    assert ("@app.train(mods=[inject_fault, outbound_guard, inject_handler_bug, dp_clipping_mod])"
-            in src)
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert "fault" not in declared and "fault" not in RUN_CONFIG_DEFAULTS   # flwr run rejects it
-    assert declared["round-timeout"] == RUN_CONFIG_DEFAULTS["round-timeout"] == 3600.0
     from task.config import run_config
-    assert run_config({"round-timeout": 30})["round-timeout"] == 30.0
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert "fault" not in declared                                      # flwr run rejects it
+    with pytest.raises(ValueError, match="run config 'fault': unknown key"):
+        run_config({"fault": "overweight"})
+    assert declared["round-timeout"] == run_config({}).round_timeout == 3600.0
+    assert run_config({"round-timeout": 30}).round_timeout == 30.0
     with pytest.raises(ValueError, match="round-timeout"):
         run_config({"round-timeout": 0.0})
 
@@ -614,7 +640,7 @@ def test_dropped_and_silent_nodes_are_recorded_per_round(task_identity):
     from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
     from flwr.serverapp import Grid
 
-    from strategy import SharedKeyFedAvg
+    from strategy import make_strategy
 
     class Grid3(Grid):
         def set_run(self, run):
@@ -656,15 +682,15 @@ def test_dropped_and_silent_nodes_are_recorded_per_round(task_identity):
                         code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable")))
             return replies
 
-    strategy = SharedKeyFedAvg(min_available_nodes=1, min_train_nodes=1, fraction_evaluate=0.0)
+    strategy = make_strategy(min_available_nodes=1, min_train_nodes=1, fraction_evaluate=0.0)
     result = strategy.start(grid=Grid3(), initial_arrays=_record({"w": np.zeros(2, np.float32)}),
                             num_rounds=1, timeout=5)
     np.testing.assert_allclose(result.arrays["w"].numpy(), [1.0, 1.0])
-    summary = strategy.node_summary()
+    summary = result.report.node_summary()
     assert summary == {"nodes": {"train": {"sampled": [1001, 1002, 1003], "replied": [1001],
                                            "dropped": [1002, 1003], "silent": [1003]}},
                        "dropped": [1002, 1003]}
-    assert strategy.round_nodes == []                # cleared for the next round
-    logged = {e["node_id"]: e for e in strategy.round_log}
+    assert strategy.take_report().nodes == []       # returned: the next round starts empty
+    logged = {e["node_id"]: e for e in result.report.replies}
     assert logged[1002]["accepted"] is False and "Node Unavailable" in logged[1002]["problems"][0]
     assert SUPERLINK_NODE_ID not in logged               # mapped back to the node it was for

@@ -1,83 +1,26 @@
-"""bench/federated_lfw.py: the federated loop the GPU accuracy benchmark runs without Flower."""
+"""bench.federated_lfw: its federated rows are the ServerApp's own numbers, from a real run."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import json
 
-import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import federated_lfw as fl  # noqa: E402
-from minusface.presets import get_preset  # noqa: E402
-
-
-def test_fedavg_is_weighted_mean_with_integer_buffers_rounded():
-    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
-    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(6)}
-    out = fl.fedavg([a, b], [1, 3])
-    assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
-    assert out["w"].dtype == torch.float32
-    assert out["n"].dtype == torch.int64 and int(out["n"]) == 5      # 0.25*3 + 0.75*6 = 5.25
+from bench import federated_lfw as fl
+from federation.report import read_run_log
+from task.config import run_config
 
 
-def test_fedavg_matches_flower_fedavg_arithmetic():
-    from flwr.app import ArrayRecord, MetricRecord, RecordDict
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-    rng = np.random.default_rng(0)
-    states = [{"a": torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32)),
-               "b": torch.from_numpy(rng.standard_normal(5).astype(np.float32))} for _ in range(3)]
-    weights = [10, 30, 7]
-    records = [RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": w})})
-               for s, w in zip(states, weights)]
-    flower = aggregate_arrayrecords(records, "num-examples").to_torch_state_dict()
-    ours = fl.fedavg(states, weights)
-    for k in ours:
-        assert torch.allclose(ours[k], flower[k], atol=1e-6)
-
-
-def test_split_sites_partitions_identities_and_relabels():
-    labels = np.repeat(np.arange(9), 2)
-    images = np.arange(18, dtype=np.uint8)[:, None, None, None].repeat(3, axis=3)
-    train = type("T", (), {"labels": labels, "images": images})()
-    sites = fl.split_sites(train, 3, seed=0)
-    assert sum(s.train.num_images for s in sites) == 18
-    seen = set()
-    for s in sites:
-        assert set(np.unique(s.train.labels)) == set(range(s.num_classes))
-        ids = {int(v) // 2 for v in s.train.images[:, 0, 0, 0]}
-        assert not ids & seen
-        seen |= ids
-
-
-@pytest.mark.slow      # a whole in-process federation: minutes on 2 busy cores
-def test_run_federated_tiny_both_stages(tmp_path):
-    rng = np.random.default_rng(0)
-    preset = get_preset("tiny").with_(batch_size=4)
-    sites = [fl.Site(fl.SiteArrays(rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),
-                                   np.repeat(np.arange(4), 2))) for _ in range(2)]
-    faces = torch.rand(6, 3, 112, 112) * 2 - 1
-    test = fl.TestSet(faces, np.array([0, 1, 2, 3]), np.array([1, 2, 3, 4]),
-                      np.array([True, False, True, False]), np.arange(4) % 2)
-    out = fl.run_federated(preset, sites, 1, test, torch.device("cpu"), log=lambda s: None)
-    for stage in ("stage1", "stage2"):
-        assert 0.0 <= out[stage]["accuracy"] <= 1.0
-        assert len(out["round_seconds"][stage]) == 1
-    assert out["generator"] is not None and "enc1.0.weight" in out["generator"]
-
-
-def test_over_wire_rounds_floats_both_ways_and_keeps_integers():
-    state = {"w": torch.tensor([1.0 + 2 ** -12, 3.0]), "n": torch.tensor(7)}
-    assert fl.over_wire(state, "float32")["w"][0] == state["w"][0]
-    got = fl.over_wire(state, "float16")
-    assert got["w"].dtype == torch.float32 and float(got["w"][0]) == 1.0   # 11-bit mantissa
-    assert got["n"].dtype == torch.int64 and int(got["n"]) == 7
-    with pytest.raises(ValueError, match="wire"):
-        fl.run_federated(get_preset("tiny"), [], 1, None, torch.device("cpu"), wire="int8")
+def test_federated_run_config_is_one_the_server_accepts(tmp_path):
+    both = fl.federated_config("tiny", 3, ["stage1", "stage2"], 4, 1, tmp_path, tmp_path / "o",
+                               "float16", 7, None, 20)
+    run_config(both)                                 # raises on a key or value the app refuses
+    assert (both["stage1-rounds"], both["stage2-rounds"], both["min-nodes"]) == (3, 3, 4)
+    assert both["max-identities"] == 0 and both["server-eval-pairs"] == 20   # 0 = all
+    only1 = fl.federated_config("tiny", 2, ["stage1"], 2, 0, tmp_path, tmp_path / "o",
+                                "float32", 0, 8, None)
+    assert only1["stage2-rounds"] == 0 and only1["server-eval-pairs"] == 0
 
 
 def test_weight_drift_is_relative_l2_over_float_tensors():
@@ -85,3 +28,29 @@ def test_weight_drift_is_relative_l2_over_float_tensors():
     other = {"a": torch.tensor([3.0, 4.5]), "n": torch.tensor(9)}
     assert fl.weight_drift(ref, ref) == 0.0
     assert abs(fl.weight_drift(ref, other) - 0.1) < 1e-12
+
+
+def test_unknown_wire_dtype_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fl.main(["--wire-dtype", "int8", "--out", str(tmp_path)])
+    assert "--wire-dtype 'int8'" in capsys.readouterr().err
+
+
+@pytest.mark.slow      # a whole in-process federation on real faces: about a minute on 2 cores
+def test_smoke_run_reports_the_serverapps_own_evaluation(lfw_root, tmp_path):
+    res = fl.main(["--preset", "tiny", "--only", "federated", "--federated-stages", "stage1",
+                   "--clients", "2", "--epochs", "1", "--max-identities", "8",
+                   "--max-pairs", "20", "--data", str(lfw_root), "--out", str(tmp_path)])
+    row = res["rows"]["(c1) MinusFace federated, 2 sites, stage 1"]
+    run_dir = tmp_path / "federated-float32"
+    rounds, replies = read_run_log(run_dir)
+    assert [r["stage"] for r in rounds] == ["stage1"]
+    served = rounds[-1]["metrics"]
+    assert row["accuracy"] == served["server_accuracy"] and row["auc"] == served["server_auc"]
+    assert served["server_eval_pairs"] == 20
+    assert row["rounds_aggregated"] == 1                    # the round changed the model
+    assert [r["client"]["accepted"] for r in replies] == [True, True]   # both sites' replies
+    assert sum(res["federated_site_examples"]["float32"]) == res["train_images"]
+    assert res["federated_round_seconds"]["float32"]["stage1"] == [served["round_seconds"]]
+    assert (run_dir / "final" / "models.pt").is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["rows"].keys() == res["rows"].keys()

@@ -10,10 +10,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
-from task.wire import from_wire, stays_float32, to_wire, unflatten
 from federation.server_app import initial_arrays
 from minusface.presets import get_preset
+from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
+from task.wire import from_wire, stays_float32, to_wire, unflatten
+from tests.run_outcome import (
+    assert_honest_replies_accepted,
+    assert_moved,
+    assert_stage1_weights_moved,
+    capture_train_messages,
+    round_numbers,
+)
 
 
 def tiny_config(lfw_root, out_dir, **over) -> dict:
@@ -76,18 +83,52 @@ def test_client_train_stage1_then_stage2_returns_only_shared_keys(lfw_root, tmp_
     assert 0.0 <= m["accuracy"] <= 1.0
 
 
-def test_inprocess_federation_checkpoints_resumes_and_rejects_bad_updates(lfw_root, tmp_path):
+def test_inprocess_federation_checkpoints_resumes_and_rejects_bad_updates(
+        lfw_root, tmp_path, monkeypatch):
+    from federation.server_eval import ServerEvaluator
     from simulation.inprocess import run_inprocess
     out = tmp_path / "run"
     cfg = tiny_config(lfw_root, out)
+    messages = capture_train_messages(monkeypatch)
     grid = run_inprocess(cfg, 2)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in lines if "client" not in r]
     assert [(r["round"], r["stage"]) for r in rounds] == [(1, STAGE1), (2, STAGE2)]
-    assert all(0.0 <= r["metrics"]["server_accuracy"] <= 1.0 for r in rounds)
     assert (out / "final" / "generator.pt").exists() and (out / "report.md").exists()
+
+    # every round aggregated honest replies, and each aggregate moved the global weights
+    assert_honest_replies_accepted(out, every=True)
+    assert_stage1_weights_moved(out)
+    assert len(messages) == 4                                # 2 rounds x 2 sites
+    initial = initial_arrays(STAGE1, get_preset("tiny"), 0)
+    assert all(torch.equal(messages[0]["arrays"][k], v) for k, v in initial.items())
+    round1 = torch.load(out / "checkpoint.prev.pt", weights_only=True)
+    round2 = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (round1["round"], round2["round"]) == (1, 2)
+    round2["arrays"] = {k.removeprefix("frozen."): v for k, v in round2["arrays"].items()}
+    assert_moved(messages[0]["arrays"], round1["arrays"], ("generator.", "recognizer."), "round 1")
+    assert_moved(messages[2]["arrays"], round2["arrays"], ("recognizer.",), "round 2")
+    frozen = messages[2][FROZEN_GENERATOR]                   # stage 2 trains on round 1's g
+    assert frozen and all(torch.equal(v, round1["arrays"][k]) for k, v in frozen.items())
+
+    # the round line's server benchmark is the checkpointed round-1 model's (stage 1 has no
+    # random permutation, so an independent evaluation gives the same numbers)
+    again = ServerEvaluator(lfw_root, 0, 20)(STAGE1, get_preset("tiny"), round1["arrays"])
+    logged = rounds[0]["metrics"]
+    assert logged["server_eval_pairs"] == again["server_eval_pairs"] == 20
+    assert logged["server_auc"] == pytest.approx(again["server_auc"], abs=1e-3)
+    assert logged["server_accuracy"] == pytest.approx(again["server_accuracy"], abs=1e-3)
+    # ... and the clients' evaluate metrics in it are the example-weighted mean of the sites'
+    for r in rounds:
+        site = [e["client"] for e in lines if "client" in e and e["round"] == r["round"]
+                and e["client"]["phase"] == "evaluate" and e["client"]["accepted"]]
+        assert len(site) == 2
+        mean = (sum(c["metrics"]["accuracy"] * c["metrics"]["num-examples"] for c in site)
+                / sum(c["metrics"]["num-examples"] for c in site))
+        assert r["metrics"]["clients_evaluate_accuracy"] == pytest.approx(mean)
     sent = [b for b in grid.bytes_sent if b["type"] == "train"]
-    expected = {STAGE1: sum(v.numel() * v.element_size() for v in initial_arrays(STAGE1, get_preset("tiny"), 0).values())}
+    arrays = initial_arrays(STAGE1, get_preset("tiny"), 0)
+    expected = {STAGE1: sum(v.numel() * v.element_size() for v in arrays.values())}
     assert sent[0]["array_bytes"] == expected[STAGE1]  # exactly the shared weights, no head
 
     # resume: one more stage-2 round continues after round 2 instead of starting over
@@ -95,8 +136,13 @@ def test_inprocess_federation_checkpoints_resumes_and_rejects_bad_updates(lfw_ro
     assert ck_before["round"] == 2
     cfg2 = dict(cfg, **{"stage2-rounds": 2})
     run_inprocess(cfg2, 2)
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in lines if "client" not in r] == [1, 2, 3]
+    assert round_numbers(out) == [1, 2, 3]
+    # ... from the checkpoint's weights: f_p and the frozen g of round 2, not a fresh start
+    resumed = messages[4]
+    assert set(resumed["arrays"]) == {k for k in round2["arrays"] if k.startswith("recognizer.")}
+    assert all(torch.equal(v, round2["arrays"][k]) for k, v in resumed["arrays"].items())
+    assert all(torch.equal(v, round2["arrays"][k]) for k, v in resumed[FROZEN_GENERATOR].items())
+    assert_honest_replies_accepted(out, every=True)
 
 
 def test_a_nan_update_is_rejected_and_the_round_goes_on(lfw_root, tmp_path, monkeypatch):
@@ -125,6 +171,7 @@ def test_a_nan_update_is_rejected_and_the_round_goes_on(lfw_root, tmp_path, monk
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)    # its own waits (up to 900 s per run) fail first, with a reason
 def test_flwr_run_end_to_end_four_virtual_clients(lfw_root, tmp_path):
     from simulation.launch import run_simulation
     out = tmp_path / "flwr-out"
@@ -138,6 +185,8 @@ def test_flwr_run_end_to_end_four_virtual_clients(lfw_root, tmp_path):
     nodes = {r["client"]["node_id"] for r in lines if "client" in r}
     assert len(nodes) == 4
     assert (out / "checkpoint.pt").exists() and (out / "final" / "generator.pt").exists()
+    assert_honest_replies_accepted(out, every=True)
+    assert_stage1_weights_moved(out)
 
 
 def test_round_lr_schedule_follows_the_paper_milestones():
@@ -191,20 +240,3 @@ def test_wire_dtype_is_validated():
     from task.config import run_config
     with pytest.raises(ValueError, match="wire-dtype"):
         run_config({"wire-dtype": "bfloat16"})
-
-
-def test_run_config_defaults_are_the_declared_ones_and_pass_validation():
-    """pyproject.toml's [tool.flwr.app.config] (what `flwr run` sends) and RUN_CONFIG_DEFAULTS
-    declare the same keys and values, and those defaults pass `run_config`."""
-    import tomllib
-    from pathlib import Path
-
-    from task.config import RUN_CONFIG_DEFAULTS, run_config
-    root = Path(__file__).resolve().parents[1]
-    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == RUN_CONFIG_DEFAULTS
-    assert {k: type(v) for k, v in declared.items()} == \
-        {k: type(v) for k, v in RUN_CONFIG_DEFAULTS.items()}
-    assert run_config(declared) == RUN_CONFIG_DEFAULTS
-    assert (declared["weighting"], declared["max-num-examples"], declared["max-weight-ratio"]) \
-        == ("num-examples", 1_000_000, 4.0)

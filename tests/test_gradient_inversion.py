@@ -13,11 +13,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from minusface.backbones import build_backbone
 from minusface.frontend import MinusFaceFrontend
 from minusface.heads import build_head
-from privacy.gradient_inversion import (LinearProbe, attack_update, client_update,
-                                        evaluate_gradient_inversion, faces_input,
-                                        gradient_from_update, shared_parameters)
+from privacy.gradient_inversion import (
+    LinearProbe,
+    attack_update,
+    client_update,
+    evaluate_gradient_inversion,
+    faces_input,
+    gradient_from_update,
+    shared_parameters,
+)
 from privacy.metrics import psnr, ssim
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -116,11 +121,10 @@ TINY_OVERRIDES = {"inverter-epochs": 1, "aux-images": 8, "eval-images": 6, "batc
 def test_privacy_action_replies_only_numbers(lfw_root, tmp_path):
     from clients.client_app import app
     from federation.privacy_round import privacy_messages, write_privacy_summary
-    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
-    from task.records import STAGE2
     from federation.server_app import initial_arrays
     from minusface.generator import UNetGenerator
     from minusface.presets import get_preset
+    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD, STAGE2
 
     cfg = {"preset": "tiny", "data-path": str(lfw_root), "out-dir": str(tmp_path),
            "max-identities": 12, "min-nodes": 2}

@@ -34,9 +34,19 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.guard import (EVALUATE_METRICS, GUARD_ALLOWED_RECORDS, GUARD_ERROR_CODE,
-                           GUARD_ERROR_REASON, MAX_NAME_CHARS, TRAIN_METRICS, OutboundPolicyError,
-                           check_reply, failure_reply, outbound_guard, reply_policy)
+from clients.guard import (
+    EVALUATE_METRICS,
+    GUARD_ALLOWED_RECORDS,
+    GUARD_ERROR_CODE,
+    GUARD_ERROR_REASON,
+    MAX_NAME_CHARS,
+    TRAIN_METRICS,
+    OutboundPolicyError,
+    check_reply,
+    failure_reply,
+    outbound_guard,
+    reply_policy,
+)
 from minusface import provenance
 from minusface.frontend import MinusFaceFrontend
 
@@ -276,7 +286,7 @@ def test_generator_output_conv_named_head_is_a_shared_weight():
 def test_leak_588_metric_keys_of_64_floats() -> None:
     msg = incoming()
     face = np.random.default_rng(0).random(FACE_VALUES)
-    assert 588 * 64 == FACE_VALUES
+    assert FACE_VALUES == 588 * 64
     leak = {f"p{i}": face[i * 64:(i + 1) * 64].tolist() for i in range(588)}
     refused(msg, reply_to(msg, metrics=MetricRecord({"num-examples": 10, **leak})),
             "MetricRecord 'metrics'", "'p0'", "not an allowed metric")
@@ -469,7 +479,7 @@ def test_server_sees_only_the_fixed_error(task_identity) -> None:
     """Real InProcessGrid + the real server strategy: a leaking site and a crashing site are
     rejected with the fixed text, the honest one is aggregated."""
     from simulation.inprocess import InProcessGrid
-    from strategy.aggregation import SharedKeyFedAvg
+    from strategy import make_strategy
 
     app = ClientApp()
 
@@ -486,14 +496,14 @@ def test_server_sees_only_the_fixed_error(task_identity) -> None:
                        reply_to=msg)
 
     grid = InProcessGrid(app, 3, {})
-    strategy = SharedKeyFedAvg(min_train_nodes=3, min_available_nodes=3)
+    strategy = make_strategy(min_train_nodes=3, min_available_nodes=3)
     messages = strategy.configure_train(1, shared_arrays(0.0), ConfigRecord({"lr": 0.1}), grid)
     replies = list(grid.send_and_receive(messages))
     assert {r.metadata.src_node_id: r.has_error() for r in replies} == {101: False, 102: True,
                                                                           103: True}
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and float(arrays["backbone.fc.bias"].numpy()[0]) == 1.0
-    problems = {r["node_id"]: r["problems"] for r in strategy.rejected}
+    problems = {r["node_id"]: r["problems"] for r in strategy.take_report().rejected}
     expected = [f"error reply (code {GUARD_ERROR_CODE}): {GUARD_ERROR_REASON}"]
     assert problems == {102: expected, 103: expected}
 
@@ -516,10 +526,10 @@ def test_real_train_and_evaluate_replies_pass(lfw_root, tmp_path, task_identity,
     """clients.client_app with its production mods: stage-1 train on a float16 wire with DP
     clipping on (dp_clipping_mod inside the guard), then evaluate."""
     from clients.client_app import app
-    from task.records import STAGE1
-    from task.wire import to_wire
     from federation.server_app import initial_arrays
     from minusface.presets import get_preset
+    from task.records import STAGE1
+    from task.wire import to_wire
 
     ctx = _real_context(lfw_root, tmp_path)
     sent = to_wire(initial_arrays(STAGE1, get_preset("tiny"), 0), "float16")
@@ -558,11 +568,10 @@ def test_real_privacy_reply_passes_and_every_key_is_allowed(lfw_root, tmp_path, 
     from clients.client_app import app
     from clients.privacy_eval import GI_ROWS, REPORT_ROWS, privacy_metric_names
     from federation.privacy_round import privacy_messages
-    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
-    from task.records import STAGE2
     from federation.server_app import initial_arrays
     from minusface.generator import UNetGenerator
     from minusface.presets import get_preset
+    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD, STAGE2
 
     ctx = _real_context(lfw_root, tmp_path)
     torch.manual_seed(0)

@@ -1,10 +1,10 @@
 """A hostile site against the server: the issue's scenarios, through the real strategy.
 
-Replies are real Flower Messages (`tests.test_strategy.reply`) aggregated by
-`SharedKeyFedAvg.aggregate_train` on each backend ("flower", "streaming", "ray" on a
-one-CPU local Ray), or by Flower's own `start()` loop over a grid whose nodes answer
-in-process.  Every bad value must be rejected or bounded with its reason in
-`strategy.rejected` / `round_log` (what the ServerApp writes to metrics.jsonl), and the
+Replies are real Flower Messages (`tests.test_strategy.reply`) aggregated by the server's
+strategy (`make_strategy` with the run config's weight bounds) on each backend ("flower",
+"streaming", "ray" on a one-CPU local Ray), or by Flower's own `start()` loop over a grid whose
+nodes answer in-process.  Every bad value must be rejected or bounded with its reason in the
+round report (`RoundReport.replies`, what the ServerApp writes to metrics.jsonl), and the
 round must go on.  The run-config cases check `run_config()` and `run_server`.
 """
 
@@ -16,7 +16,6 @@ from logging import ERROR
 
 import numpy as np
 import pytest
-
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -29,15 +28,16 @@ from flwr.app import (
     RecordDict,
 )
 
-from task.config import run_config
-from strategy import SharedKeyFedAvg
+from strategy import RoundReport, make_strategy
 from strategy.validation import MAX_KEY_CHARS, MAX_METRIC_KEYS, weight_problem
+from task.config import run_config
 from tests.test_aggregate_backends import local_ray  # noqa: F401  (fixture)
 from tests.test_strategy import (  # noqa: F401  (task_identity: autouse fixture)
     FakeGrid,
     configured,
     record,
     reply,
+    server_strategy,
     task_identity,
     values,
 )
@@ -68,8 +68,8 @@ def global_value(arrays: ArrayRecord | None) -> float:
     return float(first.flat[0])
 
 
-def entry_of(strategy: SharedKeyFedAvg, node: int) -> dict:
-    return next(e for e in strategy.round_log if e["node_id"] == node)
+def entry_of(report: RoundReport, node: int) -> dict:
+    return next(e for e in report.replies if e["node_id"] == node)
 
 
 # --- FedAvg influence ------------------------------------------------------------------
@@ -79,27 +79,29 @@ def entry_of(strategy: SharedKeyFedAvg, node: int) -> dict:
 def test_1e18_examples_is_rejected_on_every_backend(backend: str, norm: float | None) -> None:
     strategy = configured(record(0.0), backend=backend, max_update_norm=norm)
     arrays, _ = strategy.aggregate_train(1, honest_three_and(1e18))
+    report = strategy.take_report()
     assert global_value(arrays) == 0.0                 # was 1.0: the liar took over
-    [rejected] = strategy.rejected
+    [rejected] = report.rejected
     assert rejected["node_id"] == 9
     assert "exceeds max-num-examples 1000000" in rejected["problems"][0]
-    entry = entry_of(strategy, 9)
+    entry = entry_of(report, 9)
     assert not entry["accepted"] and entry["metrics"]["num-examples"] == 1e18
-    json.dumps(strategy.round_log)                     # what metrics.jsonl receives
+    json.dumps(report.replies)                     # what metrics.jsonl receives
 
 
 def test_a_lie_under_the_cap_is_clipped_to_ratio_x_median(backend: str) -> None:
-    strategy = configured(record(0.0), backend=backend)          # defaults: cap 1e6, ratio 4
+    strategy = configured(record(0.0), backend=backend)    # run-config defaults: cap 1e6, ratio 4
     arrays, _ = strategy.aggregate_train(1, honest_three_and(100_000))
+    report = strategy.take_report()
     # liar clipped to 4 x 100: 400 / (400 + 3 * 100) of the weight, not 100000 / 100300
     assert global_value(arrays) == pytest.approx(400 / 700, rel=1e-6)
-    entry = entry_of(strategy, 9)
+    entry = entry_of(report, 9)
     assert entry["accepted"] and entry["weight"] == 400
     assert entry["notes"] == ["weight clipped from 100000 to 400 "
                               "(max-weight-ratio 4 x median 100)"]
     assert entry["metrics"]["num-examples"] == 100_000          # the claim, as sent
-    assert [entry_of(strategy, n)["weight"] for n in (1, 2, 3)] == [100, 100, 100]
-    assert strategy.rejected == []
+    assert [entry_of(report, n)["weight"] for n in (1, 2, 3)] == [100, 100, 100]
+    assert report.rejected == []
 
 
 def test_caps_off_the_liar_wins_as_before_but_nothing_raises(backend: str) -> None:
@@ -108,15 +110,17 @@ def test_caps_off_the_liar_wins_as_before_but_nothing_raises(backend: str) -> No
     strategy = configured(record(0.0), backend=backend, max_num_examples=None,
                           max_weight_ratio=None)
     arrays, _ = strategy.aggregate_train(1, honest_three_and(3.5e38))
+    report = strategy.take_report()
     assert global_value(arrays) == pytest.approx(1.0, rel=1e-6)
-    assert strategy.rejected == []
+    assert report.rejected == []
 
 
 def test_huge_claim_with_default_caps_is_rejected_and_round_goes_on(backend: str) -> None:
     strategy = configured(record(0.0), backend=backend)
     arrays, _ = strategy.aggregate_train(1, honest_three_and(3.5e38))
+    report = strategy.take_report()
     assert global_value(arrays) == 0.0
-    assert [r["node_id"] for r in strategy.rejected] == [9]
+    assert [r["node_id"] for r in report.rejected] == [9]
 
 
 @pytest.mark.parametrize("claim, problem", [
@@ -132,11 +136,12 @@ def test_huge_claim_with_default_caps_is_rejected_and_round_goes_on(backend: str
 def test_a_claim_that_is_not_a_whole_number_is_rejected(claim: object, problem: str) -> None:
     strategy = configured(record(0.0))
     arrays, _ = strategy.aggregate_train(1, honest_three_and(claim))
+    report = strategy.take_report()
     assert global_value(arrays) == 0.0
-    [rejected] = strategy.rejected
+    [rejected] = report.rejected
     assert rejected["node_id"] == 9, rejected
     assert any(problem in p for p in rejected["problems"]), rejected
-    json.dumps(strategy.round_log)
+    json.dumps(report.replies)
 
 
 def test_weight_problem_refuses_bools_and_names_the_cap() -> None:
@@ -149,8 +154,9 @@ def test_weight_problem_refuses_bools_and_names_the_cap() -> None:
 def test_equal_weighting_ignores_claims() -> None:
     strategy = configured(record(0.0), weighting="equal")
     arrays, metrics = strategy.aggregate_train(1, honest_three_and(999_999))
+    report = strategy.take_report()
     assert global_value(arrays) == pytest.approx(0.25)
-    assert [e["weight"] for e in strategy.round_log] == [1, 1, 1, 1]
+    assert [e["weight"] for e in report.replies] == [1, 1, 1, 1]
     assert metrics is not None and metrics["train_loss"] == pytest.approx((1 + 2 + 3 + 9) / 4)
 
 
@@ -199,16 +205,17 @@ def test_flower_start_loop_with_a_liar_in_train_and_evaluate() -> None:
         metrics = MetricRecord({"train_loss": 1.0, "num-examples": claim})
         return Message(RecordDict({"arrays": out, "metrics": metrics}), reply_to=msg)
 
-    strategy = SharedKeyFedAvg(min_available_nodes=4, min_train_nodes=4, min_evaluate_nodes=4)
+    strategy = server_strategy(min_available_nodes=4, min_train_nodes=4, min_evaluate_nodes=4)
     result = strategy.start(grid=FakeGrid([1, 2, 3, 4], node), initial_arrays=record(0.0),
                             num_rounds=1)
     # node 4 (1e18) rejected; node 3 clipped from 100000 to 400 against two sites of 100
     assert global_value(result.arrays) == pytest.approx(400 / 600, rel=1e-6)
     assert result.evaluate_metrics_clientapp[1]["acc"] == pytest.approx(
         (0.5 * 200 + 1.0 * 400) / 600)
-    assert [(r["phase"], r["node_id"]) for r in strategy.rejected] == [
+    report = result.report
+    assert [(r["phase"], r["node_id"]) for r in report.rejected] == [
         ("train", 4), ("evaluate", 4)]
-    clipped = [e for e in strategy.round_log if e["notes"]]
+    clipped = [e for e in report.replies if e["notes"]]
     assert [(e["phase"], e["node_id"], e["weight"]) for e in clipped] == [
         ("train", 3, 400), ("evaluate", 3, 400)]
 
@@ -238,10 +245,11 @@ def test_metric_and_config_smuggling_is_rejected_and_logged_bounded(
     for name, rec in extra.items():
         bad.content[name] = rec
     arrays, _ = strategy.aggregate_train(1, [reply(1, record(0.0), 100), bad])
+    report = strategy.take_report()
     assert global_value(arrays) == 0.0
-    [rejected] = strategy.rejected
+    [rejected] = report.rejected
     assert any(problem in p for p in rejected["problems"]), rejected["problems"]
-    entry = entry_of(strategy, 9)
+    entry = entry_of(report, 9)
     assert len(json.dumps(entry)) < 2_000                 # was ~1 MB for the 588 x 64 leak
     assert entry["metrics"]["num-examples"] == 100 and len(entry["metrics"]) <= 16
     assert all(len(p) < 1_000 for p in rejected["problems"])
@@ -257,20 +265,22 @@ def test_long_names_and_error_reasons_are_truncated_in_problems() -> None:
                                 "backbone.bias": np.zeros(2, np.float32),
                                 name: np.zeros(1, np.float32)}), 100)]
     arrays, _ = strategy.aggregate_train(1, replies)
+    report = strategy.take_report()
     assert global_value(arrays) == 0.0
-    assert [r["node_id"] for r in strategy.rejected] == [7, 8, 9]
-    for rejected in strategy.rejected:
+    assert [r["node_id"] for r in report.rejected] == [7, 8, 9]
+    for rejected in report.rejected:
         assert all(len(p) < 1_000 for p in rejected["problems"]), rejected
-    assert len(json.dumps(strategy.round_log)) < 10_000
+    assert len(json.dumps(report.replies)) < 10_000
 
 
 def test_an_array_in_an_evaluate_reply_is_rejected() -> None:
-    strategy = SharedKeyFedAvg(min_available_nodes=1, min_evaluate_nodes=1)
+    strategy = server_strategy(min_available_nodes=1, min_evaluate_nodes=1)
     honest = reply(1, None, 100, metrics={"acc": 0.5})
     leak = reply(9, record(0.0), 100, metrics={"acc": 1.0})    # e.g. embeddings of faces
     metrics = strategy.aggregate_evaluate(1, [honest, leak])
+    report = strategy.take_report()
     assert metrics is not None and metrics["acc"] == 0.5
-    [rejected] = strategy.rejected
+    [rejected] = report.rejected
     assert rejected["node_id"] == 9
     assert "evaluate replies carry no ArrayRecord, got ['arrays']" in rejected["problems"][0]
 
@@ -297,12 +307,13 @@ def test_a_reply_whose_data_breaks_the_arithmetic_is_rejected(
                reply(2, record(3.0), 100)]
     with caplog.at_level(ERROR, logger="flwr"):
         arrays, _ = strategy.aggregate_train(1, replies)
+        report = strategy.take_report()
     assert global_value(arrays) == pytest.approx(2.0)
-    [rejected] = strategy.rejected
+    [rejected] = report.rejected
     assert rejected["node_id"] == 9
     assert rejected["problems"] == [
         "aggregation failed on this reply: RuntimeError: cannot decode a 7"]
-    entry = entry_of(strategy, 9)
+    entry = entry_of(report, 9)
     assert not entry["accepted"] and entry["weight"] is None
     assert "Traceback" in caplog.text and "cannot decode a 7" in caplog.text
 
@@ -315,10 +326,10 @@ def test_an_error_no_reply_reproduces_is_raised_not_swallowed(
     def broken(server_round: int, replies: object) -> None:
         raise ZeroDivisionError("a bug of ours")
 
-    monkeypatch.setattr(strategy._inner, "aggregate_train", broken)
+    monkeypatch.setattr(strategy.strategy, "aggregate_train", broken)
     with caplog.at_level(ERROR, logger="flwr"), pytest.raises(ZeroDivisionError):
         strategy.aggregate_train(1, honest_three_and(100))
-    assert "aggregation raised" in caplog.text and strategy.rejected == []
+    assert "aggregation raised" in caplog.text and strategy.take_report().rejected == []
 
 
 def test_a_non_finite_aggregate_keeps_the_previous_arrays() -> None:
@@ -377,10 +388,12 @@ def test_run_config_accepts_the_edges_and_normalises_names() -> None:
                       "eval-fold": 9, "max-identities": 0, "max-update-norm": 0.0,
                       "out-dir": "/abs/run", "aggregation": "Trimmed_Mean",
                       "aggregation-backend": " Streaming ", "weighting": "Equal",
-                      "max-weight-ratio": 0, "max-num-examples": 1, "unknown-key": 3})
-    assert cfg["fraction-train"] == 1.0 and cfg["aggregation"] == "trimmed-mean"
-    assert cfg["aggregation-backend"] == "streaming" and cfg["weighting"] == "equal"
-    assert cfg["max-weight-ratio"] == 0.0 and cfg["unknown-key"] == 3
+                      "max-weight-ratio": 0, "max-num-examples": 1})
+    assert cfg.fraction_train == 1.0 and cfg.aggregation == "trimmed-mean"
+    assert cfg.aggregation_backend == "streaming" and cfg.weighting == "equal"
+    assert cfg.max_weight_ratio == 0.0
+    with pytest.raises(ValueError, match="run config 'unknown-key': unknown key; valid keys: "):
+        run_config({"unknown-key": 3})
     with pytest.raises(TypeError, match="run config 'max-num-examples': expected int"):
         run_config({"max-num-examples": 1e6})
 
@@ -401,8 +414,8 @@ def test_max_update_norm_error_names_the_run_config_key() -> None:
     with pytest.raises(ValueError, match="run config 'max-update-norm'"):
         run_config({"max-update-norm": -1.0})
     with pytest.raises(ValueError, match="max_weight_ratio"):
-        SharedKeyFedAvg(max_weight_ratio=0.5)
+        make_strategy(max_weight_ratio=0.5)
     with pytest.raises(ValueError, match="max_num_examples"):
-        SharedKeyFedAvg(max_num_examples=0)
+        make_strategy(max_num_examples=0)
     with pytest.raises(ValueError, match="valid: num-examples, equal"):
-        SharedKeyFedAvg(weighting="size")
+        make_strategy(weighting="size")

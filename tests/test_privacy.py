@@ -12,12 +12,19 @@ import torch
 
 from minusface.backbones import build_backbone
 from minusface.frontend import MinusFaceFrontend
-from privacy.attacks import (VIEW_KINDS, as_faces, judge_embed_fn, make_views, random_permutation, recover,
-                             to_unit, train_inverter, views_fn)
+from privacy.attacks import (
+    VIEW_KINDS,
+    as_faces,
+    judge_embed_fn,
+    make_views,
+    random_permutation,
+    recover,
+    to_unit,
+    train_inverter,
+    views_fn,
+)
 from privacy.metrics import identity_match, ms_ssim, psnr, ssim
-from privacy.report import (PRIVACY_PRESETS, attacker_description, evaluate_client, write_report,
-                            write_summary)
-
+from privacy.report import PRIVACY_PRESETS, attacker_description, evaluate_client, write_report, write_summary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

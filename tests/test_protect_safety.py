@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from clients.data import IMAGE_EXTENSIONS
-from minusfed.cli import main
-from minusface.generator import UNetGenerator
 from clients.protect_dir import ProtectError, check_outputs, write_png
+from minusface.generator import UNetGenerator
 from minusface.weights import WeightsError, load_generator, save_generator
+from minusfed.cli import main
 
 
 def _face(path: Path, seed: int = 0, fmt: str | None = None) -> Path:

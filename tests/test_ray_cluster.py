@@ -16,6 +16,7 @@ import time
 import pytest
 
 from simulation.ray_cluster import LocalRayCluster, ray_cli, still_running
+from tests.run_outcome import assert_honest_replies_accepted, assert_stage1_weights_moved
 
 ACTOR = "ClientAppActor"            # flwr.simulation.ray_transport.ray_actor.ClientAppActor
 
@@ -37,6 +38,7 @@ def _sample_while(cluster: LocalRayCluster, done: threading.Event, seen: list[di
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)    # its own waits (up to 900 s per run) fail first, with a reason
 def test_flwr_run_on_a_two_node_ray_cluster(lfw_root, tmp_path):
     if ray_cli() is None:
         pytest.skip("the `ray` CLI is not installed (pip install 'flwr[simulation]')")
@@ -74,6 +76,8 @@ def test_flwr_run_on_a_two_node_ray_cluster(lfw_root, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines if "client" not in r] == [1, 2]
     assert len({r["client"]["node_id"] for r in lines if "client" in r}) == 2
+    assert_honest_replies_accepted(out, every=True)
+    assert_stage1_weights_moved(out)
 
     # Flower sized its actor pool from the cluster: 1 CPU per ClientApp, 2 CPUs over 2 nodes
     # (logged at DEBUG, shown because of `verbose=true`).
@@ -96,7 +100,6 @@ def test_a_missing_ray_cli_is_a_clear_error_and_starts_nothing(monkeypatch):
     import simulation.ray_cluster as rc
     monkeypatch.setattr(rc, "ray_cli", lambda: None)
     cluster = rc.LocalRayCluster()
-    with pytest.raises(rc.RayClusterError, match="`ray` CLI was not found"):
-        with cluster:
-            pass
+    with pytest.raises(rc.RayClusterError, match="`ray` CLI was not found"), cluster:
+        pass
     assert cluster.temp_dir is None

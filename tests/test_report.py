@@ -1,20 +1,17 @@
-"""bench/report.py: the README Results section is rendered from saved results, with provenance."""
+"""bench.report: the README Results section is rendered from saved results, with provenance."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import report  # noqa: E402
+from bench import report
 
 
 def _save(folder: Path, name: str, kind: str, data) -> None:
-    (folder / name).write_text(json.dumps({"kind": kind, "command": f"python bench/{name}.py",
+    (folder / name).write_text(json.dumps({"kind": kind, "command": f"python -m bench.{name}",
                                            "machine": "m1", "date": "2026-01-02", "commit": "abc",
                                            "data": data}))
 
@@ -33,7 +30,7 @@ def test_rows_carry_machine_date_and_command_and_readme_is_rewritten(tmp_path):
         {"section": "privacy", "measurement": "recovery SSIM", "value": "0.31"}]})
     section = report.render(report.load(tmp_path))
     assert "1000 virtual clients" in section and "peak RSS 3.20 GB" in section
-    assert "| m1, 2026-01-02 | `python bench/sim.json.py` |" in section
+    assert "| m1, 2026-01-02 | `python -m bench.sim.json` |" in section
     assert section.index("**Privacy**") < section.index("**Scale**")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Results\n\n" + report.START + "\nold\n" + report.END + "\n\nafter\n")
@@ -49,3 +46,15 @@ def test_bad_results_file_is_named(tmp_path):
     _save(tmp_path, "broken.json", "nope", {})
     with pytest.raises(ValueError, match="unknown kind 'nope'"):
         report.load(tmp_path)
+
+
+def test_federated_rows_of_the_old_server_loop_are_marked(tmp_path):
+    row = {"accuracy": 0.75, "auc": 0.8}
+    data = {"preset": {"name": "tiny", "epochs": 1},
+            "rows": {"(a) unprotected, centralized": row,
+                     "(c) MinusFace federated, 2 sites, f_p on X_p": row}}
+    _save(tmp_path, "old.json", "federated_lfw", data)
+    old = report.render(report.load(tmp_path))
+    assert old.count("rerun needed") == 1 and "2 sites, f_p on X_p; numbers from the old" in old
+    _save(tmp_path, "old.json", "federated_lfw", {**data, "federated_path": "ServerApp"})
+    assert "rerun needed" not in report.render(report.load(tmp_path))

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from task.records import STAGE1, STAGE2
 from federation.report import write_report
 from minusface.weights import WeightsError, generator_metadata, load_generator, save_generator
 from strategy.checkpoint import CheckpointError, CheckpointStore
+from task.records import STAGE1, STAGE2
+from task.wire import select
 
 TORN = b'{"metrics": {"server_accuracy": 0.5}, "round": 3, "sta'
 
@@ -165,18 +166,60 @@ def test_resume_whose_plan_moves_the_checkpoint_fails(used: Path, lfw_root: Path
 def test_stage2_checkpoint_keeps_stage1_rounds(tmp_path: Path, lfw_root: Path) -> None:
     """g is frozen once stage 2 began: more stage-1 rounds cannot be honoured."""
     from federation.server_app import check_resume, initial_arrays, made_with
-    from task.config import run_config
     from minusface.presets import get_preset
+    from task.config import run_config
     preset = get_preset("tiny")
     old = made_with(run_config(tiny_config(lfw_root, tmp_path)), preset)
     cfg = run_config(tiny_config(lfw_root, tmp_path, **{"stage1-rounds": 2, "stage2-rounds": 2}))
     s1 = initial_arrays(STAGE1, preset, 0)
-    arrays = {**initial_arrays(STAGE2, preset, 1),
-              **{f"frozen.{k}": v for k, v in s1.items() if k.startswith("generator.")}}
+    arrays = {**initial_arrays(STAGE2, preset, 1), **select(s1, "generator")}
     ck = {"round": 3, "stage": STAGE2, "arrays": arrays, "extra": {"made-with": old}}
     plan = [(STAGE1, 1), (STAGE1, 2), (STAGE2, 1), (STAGE2, 2)]
     with pytest.raises(CheckpointError, match="stage1-rounds must stay 1"):
         check_resume(ck, tmp_path, made_with(cfg, preset), plan, preset, s1)
+
+
+def test_a_resume_starts_from_the_checkpoint_weights(used: Path, lfw_root: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart after round 1 (its checkpoint is the newest: checkpoint.pt was lost between
+    the two renames of a save) sends round 2's sites the checkpoint's aggregated g, not a fresh
+    one, and logs round 2 again.  (tests/test_federation.py checks the stage-2 resume.)"""
+    from minusface.presets import get_preset
+    from task.models import initial_arrays
+    from task.records import FROZEN_GENERATOR
+    from tests.run_outcome import assert_honest_replies_accepted, capture_train_messages
+    (used / "checkpoint.pt").unlink()
+    ck = torch.load(used / "checkpoint.prev.pt", weights_only=True)
+    assert (ck["round"], ck["stage"]) == (1, STAGE1)
+    g = {k: v for k, v in ck["arrays"].items() if k.startswith("generator.")}
+    fresh = initial_arrays(STAGE1, get_preset("tiny"), 0)
+    assert g and any(not torch.equal(v, fresh[k]) for k, v in g.items())   # g was trained
+
+    messages = capture_train_messages(monkeypatch)
+    run(tiny_config(lfw_root, used))
+    assert len(messages) == 2 and all(FROZEN_GENERATOR in m for m in messages)
+    for m in messages:                                 # round 2 (stage 2) at both sites
+        sent = m[FROZEN_GENERATOR]
+        assert set(sent) == set(g) and all(torch.equal(sent[k], g[k]) for k in g)
+    rounds = [r["round"] for r in CheckpointStore(used).read_metrics() if "client" not in r]
+    assert rounds == [1, 2, 2]
+    assert_honest_replies_accepted(used, every=True)
+
+
+def test_stage2_checkpoint_keeps_g_under_its_wire_keys_and_an_older_one_resumes(
+        used: Path, lfw_root: Path) -> None:
+    """The frozen g is checkpointed as "generator.*", the keys it has on the wire; a stage-2
+    checkpoint written before that scheme ("frozen.generator.*") still resumes, g unchanged."""
+    ck = torch.load(used / "checkpoint.pt", weights_only=True)
+    g = select(ck["arrays"], "generator")
+    assert ck["stage"] == STAGE2 and g and not any(k.startswith("frozen.") for k in ck["arrays"])
+    ck["arrays"] = {("frozen." + k if k in g else k): v for k, v in ck["arrays"].items()}
+    torch.save(ck, used / "checkpoint.pt")
+    run(tiny_config(lfw_root, used, **{"stage2-rounds": 2}))
+    after = torch.load(used / "checkpoint.pt", weights_only=True)
+    assert (after["round"], after["stage"]) == (3, STAGE2)
+    assert select(after["arrays"], "generator").keys() == g.keys()
+    assert all(torch.equal(after["arrays"][k], v) for k, v in g.items())     # g stayed frozen
 
 
 def test_corrupt_checkpoint_names_a_recovery_that_works(used: Path, lfw_root: Path) -> None:
@@ -243,6 +286,7 @@ def test_final_outputs_record_how_they_were_made(finished: Path) -> None:
 def test_a_run_whose_every_update_is_refused_marks_g_untrained(
         lfw_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from flwr.app import Context, RecordDict
+
     from clients.client_app import app as client_app
     from federation.server_app import run_server
     from simulation.inprocess import InProcessGrid

@@ -28,7 +28,7 @@ def faults_of_one_batch():
 faults = [faults_of_one_batch() for _ in range(12)]
 print(json.dumps({"ok": ok, "mode": applied_allocator_mode(), "thp": os.environ.get("%s"),
                   "faults": faults}))
-""" % THP_ENV
+""".replace("%s", THP_ENV)
 
 
 def _probe(mode: str) -> dict:
@@ -70,6 +70,6 @@ def test_mode_comes_from_the_environment_and_a_bad_value_names_the_variable(monk
 
 def test_a_thp_choice_the_user_made_is_kept():
     env = {**os.environ, THP_ENV: "0", ALLOCATOR_ENV: "thp"}
-    out = subprocess.run([sys.executable, "-c", "import os, minusface; print(os.environ['%s'])"
-                          % THP_ENV], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", f"import os, minusface; print(os.environ['{THP_ENV}'])"],
+                         capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip() == "0", out.stderr

@@ -42,7 +42,7 @@ class DroppingTlsServer:
         while not self.stop.is_set():
             try:
                 raw, _ = self.listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             raw.settimeout(5)
             self.connections += 1

@@ -18,9 +18,9 @@ from PIL import Image
 
 from clients import site_state
 from clients.data import FaceDataset, load_faces
-from task.records import STAGE1
 from federation.server_app import initial_arrays
 from minusface.presets import get_preset
+from task.records import STAGE1
 
 RUN_ID = 4242
 
@@ -275,7 +275,8 @@ def test_unusable_state_dir_still_trains(faces_dir, tmp_path, caplog):
 
 def test_stage_round_counts_stage2_after_stage1():
     from clients.client_app import _stage_round
-    cfg = {"stage1-rounds": 3}
+    from task.config import run_config
+    cfg = run_config({"stage1-rounds": 3})
     assert _stage_round(ConfigRecord({"minusfed-round": 2}), cfg, "stage1") == 2
     assert _stage_round(ConfigRecord({"minusfed-round": 4}), cfg, "stage2") == 1
     assert _stage_round(ConfigRecord({"minusfed-round": 5}), cfg, "stage2") == 2

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -27,16 +26,19 @@ from flwr.app import (
 )
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedTrimmedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from strategy import (
+    BACKENDS,
     RULES,
     CheckpointError,
     CheckpointStore,
-    SharedKeyFedAvg,
+    SharedKeyStrategy,
     make_strategy,
     validate_update,
 )
+from task.config import AGGREGATION_BACKENDS, AGGREGATION_RULES, run_config
 
 SHAPES = {"backbone.weight": (2, 2), "backbone.bias": (2,)}
 
@@ -144,11 +146,21 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-def configured(reference: ArrayRecord, **kwargs: object) -> SharedKeyFedAvg:
-    """A strategy that has sent `reference` in round 1."""
+def server_strategy(**kwargs: object) -> SharedKeyStrategy:
+    """`make_strategy` with the run config's default weight bounds (as the ServerApp passes
+    them: cap 1,000,000 examples, ratio 4) unless `kwargs` set them."""
+    cfg = run_config({})
+    kwargs.setdefault("weighting", cfg.weighting)
+    kwargs.setdefault("max_num_examples", cfg.max_num_examples)
+    kwargs.setdefault("max_weight_ratio", cfg.max_weight_ratio or None)
+    return make_strategy(**kwargs)  # type: ignore[arg-type]
+
+
+def configured(reference: ArrayRecord, **kwargs: object) -> SharedKeyStrategy:
+    """A server strategy that has sent `reference` in round 1."""
     kwargs.setdefault("min_available_nodes", 1)
     kwargs.setdefault("min_train_nodes", 1)
-    strategy = SharedKeyFedAvg(**kwargs)
+    strategy = server_strategy(**kwargs)
     strategy.configure_train(1, reference, ConfigRecord(), FakeGrid([1, 2, 3]))
     return strategy
 
@@ -176,7 +188,7 @@ def test_weighted_average_of_three_updates() -> None:
     assert got["backbone.weight"].dtype == np.float32
     assert list(arrays.keys()) == list(SHAPES)  # reference order
     assert metrics["train_loss"] == pytest.approx((1 * 1 + 2 * 2 + 3 * 1) / 4)
-    assert strategy.rejected == []
+    assert strategy.take_report().rejected == []
 
 
 BAD_REPLIES: dict[str, tuple[Callable[[], Message], str]] = {
@@ -238,21 +250,23 @@ def test_bad_reply_is_rejected_and_round_goes_on(
     assert arrays is not None
     for value in values(arrays).values():
         np.testing.assert_allclose(value, 2.5)  # (10*1 + 30*3) / 40
-    assert len(strategy.rejected) == 1
-    rejected = strategy.rejected[0]
+    report = strategy.take_report()
+    assert len(report.rejected) == 1
+    rejected = report.rejected[0]
     assert (rejected["round"], rejected["node_id"]) == (1, 99)
     assert any(problem in p for p in rejected["problems"]), rejected["problems"]
     assert "rejected reply from node 99" in caplog.text and problem in caplog.text
-    assert [(e["node_id"], e["accepted"]) for e in strategy.round_log] == [
+    assert [(e["node_id"], e["accepted"]) for e in report.replies] == [
         (1, True), (99, False), (2, True)
     ]
+    assert strategy.take_report().replies == []          # taken: the next one starts empty
 
 
 def test_all_bad_replies_keep_previous_arrays() -> None:
     strategy = configured(record(0.0))
     replies = [reply(1, record(np.nan)), reply(2, record(1.0, dtype="float16"))]
     assert strategy.aggregate_train(1, replies) == (None, None)
-    assert {r["node_id"] for r in strategy.rejected} == {1, 2}
+    assert {r["node_id"] for r in strategy.take_report().rejected} == {1, 2}
 
 
 def test_integer_buffers_keep_their_dtype() -> None:
@@ -275,7 +289,7 @@ def test_metric_reported_by_some_nodes_only_is_dropped() -> None:
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
     assert "acc" not in metrics and metrics["train_loss"] == pytest.approx(1.5)
-    assert strategy.round_log[0]["metrics"]["acc"] == 0.5  # per-node log keeps it
+    assert strategy.take_report().replies[0]["metrics"]["acc"] == 0.5  # per-node log keeps it
 
 
 def test_validate_update_reports_norm_header_and_size() -> None:
@@ -332,7 +346,9 @@ def test_krum_and_multi_krum() -> None:
 
 
 def test_make_strategy_rules() -> None:
-    assert make_strategy("Trimmed_Mean", beta=0.1).rule == "trimmed-mean"
+    assert RULES == AGGREGATION_RULES and BACKENDS == AGGREGATION_BACKENDS  # one entry each
+    rule = make_strategy("Trimmed_Mean", beta=0.1).strategy
+    assert isinstance(rule, FedTrimmedAvg) and rule.beta == 0.1
     with pytest.raises(ValueError) as info:
         make_strategy("fedsgd")
     assert all(rule in str(info.value) for rule in RULES)
@@ -343,7 +359,7 @@ def test_make_strategy_rules() -> None:
 
 def test_frozen_arrays_go_into_every_train_message() -> None:
     frozen = record({"gen.weight": np.ones(3, np.float32)})
-    strategy = SharedKeyFedAvg(frozen_arrays={"frozen-generator": frozen})
+    strategy = make_strategy(frozen_arrays={"frozen-generator": frozen})
     config = ConfigRecord({"lr": 0.1})
     grid = FakeGrid([5, 6, 7])
     messages = list(strategy.configure_train(3, record(0.0), config, grid))
@@ -354,7 +370,7 @@ def test_frozen_arrays_go_into_every_train_message() -> None:
         assert msg.content["frozen-generator"] is frozen
         assert msg.content["config"]["server-round"] == 3
     with pytest.raises(ValueError, match="clashes"):
-        SharedKeyFedAvg(frozen_arrays={"arrays": frozen})
+        make_strategy(frozen_arrays={"arrays": frozen})
 
 
 def test_start_with_one_nan_node_keeps_honest_average() -> None:
@@ -369,16 +385,21 @@ def test_start_with_one_nan_node_keeps_honest_average() -> None:
         metrics = MetricRecord({"train_loss": 1.0, "num-examples": 1})
         return Message(RecordDict({"arrays": out, "metrics": metrics}), reply_to=msg)
 
-    strategy = SharedKeyFedAvg(
+    strategy = make_strategy(
         min_available_nodes=3, min_train_nodes=3, min_evaluate_nodes=3
     )
     grid = FakeGrid([1, 2, 3], client)
     result = strategy.start(grid=grid, initial_arrays=record(0.0), num_rounds=2)
     for value in values(result.arrays).values():
         np.testing.assert_allclose(value, 4.0)  # two rounds of mean(+1, +3)
-    assert [(r["round"], r["node_id"]) for r in strategy.rejected] == [(1, 3), (2, 3)]
+    assert [(r["round"], r["node_id"]) for r in result.report.rejected] == [(1, 3), (2, 3)]
     assert result.evaluate_metrics_clientapp[2]["acc"] == pytest.approx(1.0)
-    assert len([e for e in strategy.round_log if e["phase"] == "evaluate"]) == 6
+    assert len([e for e in result.report.replies if e["phase"] == "evaluate"]) == 6
+    assert [(n["round"], n["phase"], n["sampled"]) for n in result.report.nodes] == [
+        (1, "train", [1, 2, 3]), (1, "evaluate", [1, 2, 3]),
+        (2, "train", [1, 2, 3]), (2, "evaluate", [1, 2, 3])]
+    again = strategy.start(grid=grid, initial_arrays=record(0.0), num_rounds=1)
+    assert {e["round"] for e in again.report.replies} == {1}   # only this call's rounds
 
 
 # --- CheckpointStore -----------------------------------------------------------

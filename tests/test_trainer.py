@@ -53,7 +53,8 @@ def test_resume_continues_the_same_schedule_and_weights(small_lfw, tmp_path):
     resumed = Trainer("baseline", preset, ds.images, ds.labels, tmp_path / "b", progress=False)
     out = resumed.run()
     assert resumed.start_epoch == 1
-    lr = lambda d: [json.loads(x)["lr"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    def lr(d):
+        return [json.loads(x)["lr"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert lr(tmp_path / "a") == lr(tmp_path / "b")
     assert lr(tmp_path / "a")[-1] < lr(tmp_path / "a")[0]           # the schedule stepped
     for (k, v), w in zip(ref.recognizer.state_dict().items(), out.recognizer.state_dict().values()):

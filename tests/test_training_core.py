@@ -7,7 +7,7 @@ from minusface.backbones import build_backbone
 from minusface.frontend import MinusFaceFrontend
 from minusface.heads import ArcFace
 from minusface.losses import freeze, stage1_loss, stage2_loss
-from minusface.optim import build_optimizer, build_scheduler
+from minusface.optim import build_optimizer, build_scheduler, lr_drops, lr_factor
 
 
 def _tiny(in_channels: int, classes: int = 4, seed: int = 0):
@@ -50,7 +50,7 @@ def test_generator_lr_ratio_survives_every_step_and_no_decay_groups():
     f, head = _tiny(192)
     opt = build_optimizer([f, head], lr=0.01, weight_decay=1e-4, generator=fe.generator,
                           generator_lr_ratio=0.5)
-    sched = build_scheduler(opt, [2, 4, 5])
+    sched = build_scheduler(opt, (2 / 6, 4 / 6, 5 / 6), total_steps=6)
     groups = {g["name"]: g for g in opt.param_groups}
     bn_and_bias = {id(p) for n, p in f.named_parameters() if n.endswith("bias") or ".bn" in n
                    or any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and p is q
@@ -59,7 +59,7 @@ def test_generator_lr_ratio_survives_every_step_and_no_decay_groups():
     assert not (bn_and_bias & decayed)
     assert groups["generator-no-decay"]["weight_decay"] == 0.0
     seen = []
-    for epoch in range(6):
+    for _ in range(6):
         seen.append((groups["recognizer"]["lr"], groups["generator"]["lr"]))
         assert abs(groups["generator"]["lr"] / groups["recognizer"]["lr"] - 0.5) < 1e-12
         assert groups["recognizer-no-decay"]["lr"] == groups["recognizer"]["lr"]
@@ -67,6 +67,15 @@ def test_generator_lr_ratio_survives_every_step_and_no_decay_groups():
         sched.step()
     assert [round(a, 8) for a, _ in seen] == [0.01, 0.01, 0.001, 0.001, 0.0001, 1e-05]
 
+
+
+def test_lr_plan_drops_once_each_milestone_fraction_is_done():
+    paper = (10 / 24, 18 / 24, 22 / 24)
+    assert lr_drops(paper, 24) == [10, 18, 22]                    # epochs 10, 18, 22 of 24
+    assert lr_drops(paper, 24 * 50) == [500, 900, 1100]           # same shape at any budget
+    assert lr_drops((0.4, 0.8), 3) == [2, 3]                      # 2/3 >= 0.4 > 1/3
+    assert lr_drops((0.5, 0.5, 2.0), 4) == [2, 2]                 # both at 2; 2.0 never
+    assert [lr_factor(paper, done, 3) for done in range(3)] == [1.0, 1.0, 0.1]
 
 def test_a_few_steps_on_real_faces_lower_the_stage1_loss(lfw_root):
     from clients.data import load_image

@@ -3,9 +3,9 @@
 Uses only `cryptography` (no hand-rolled crypto, no openssl subprocess).  The SuperLink needs
 `--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key`; SuperNodes and the
 CLI trust `ca.crt`.  With `--enable-supernode-auth` each SuperNode signs with an EC key in OpenSSH
-format whose `.pub` is registered via `flwr supernode register` (docs/flower.md section 9).
+format whose `.pub` is registered via `flwr supernode register` (docs/flower.md, "Node authentication").
 
-Private keys are created with mode 0o600 from the first byte (os.open), never world-readable.
+Private keys are created with mode 0o600 from the first byte (write_atomic), never world-readable.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import datetime as dt
 import ipaddress
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from minusface.atomic import write_atomic
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
@@ -49,25 +51,10 @@ def _refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
 
 
 def _write(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write `data` so the file has exactly `mode` before any byte lands in it.
-
-    Without overwrite: O_EXCL on the target (race-free refusal).  With overwrite: a fresh O_EXCL
-    temp file then os.replace, so an old 0o644 file never receives key material."""
-    target = path.with_name(f".{path.name}.tmp{os.getpid()}") if overwrite else path
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, mode)  # the umask may have stripped bits (or os.open ignored them)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(target, path)
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
+    """Write `data` so the file has exactly `mode` before any byte lands in it, atomically;
+    without overwrite an existing file (even one that appeared meanwhile) is never replaced
+    (FileExistsError), so an old 0o644 file never receives key material."""
+    write_atomic(path, lambda file: file.write(data), mode=mode, replace=overwrite)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -133,7 +120,7 @@ def _server_cn(first_host: str) -> str:
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (x509.CertificateBuilder()
             .subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())

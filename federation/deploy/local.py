@@ -1,8 +1,8 @@
 """A real Flower 1.42 deployment on this machine: TLS SuperLink, authenticated SuperNodes.
 
-`deploy_local()` rehearses on loopback exactly what a multi-site federation runs (docs/flower.md
-section 9): it writes a CA, a SuperLink certificate (SANs localhost/127.0.0.1/::1) and one
-authentication key pair per SuperNode under `OUT/keys`, starts
+`deploy_local()` rehearses on loopback exactly what a multi-site federation runs (docs/flower.md,
+"Deployment: SuperLink and SuperNodes"): it writes a CA, a SuperLink certificate (SANs
+localhost/127.0.0.1/::1) and one authentication key pair per SuperNode under `OUT/keys`, starts
 
     flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
         --enable-supernode-auth --host 127.0.0.1 --port P --database OUT/state.db
@@ -43,8 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulation.launch import (ROOT, flwr_bin, config_arg, flwr_env, free_port, run_status, stop,
-                               submit_run)
+from simulation.launch import ROOT, config_arg, flwr_bin, flwr_env, free_port, run_status, stop, submit_run
 
 from .app_digest import AppDigestError, app_digest
 from .keys import make_ca_and_server_cert, make_node_keys
@@ -318,7 +317,7 @@ def deploy_local(out_dir: str | os.PathLike, nodes: int = 3,
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True)
         started.append(follower)
-        run_log = open(logs_dir / "run.log", "w", encoding="utf-8")
+        run_log = open(logs_dir / "run.log", "w", encoding="utf-8")  # noqa: SIM115 (closed in finally)
 
         def pump() -> None:
             for line in follower.stdout:           # type: ignore[union-attr]
@@ -399,7 +398,7 @@ def commands_for_sites(nodes: int = 3, *, host: str = "superlink.example.org", p
         "",
         f"# 2. Operator, ON THE SUPERLINK HOST (or through `ssh -N -L {port}:127.0.0.1:{port} "
         f"{host}`):",
-        f"#    add to $FLWR_HOME/config.toml (absolute path to ca.crt)",
+        "#    add to $FLWR_HOME/config.toml (absolute path to ca.crt)",
         f"#    [superlink.{connection}]",
         f'#    address = "127.0.0.1:{port}"',
         f'#    root-certificates = "/abs/path/{k}/ca.crt"',

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         install_control_allow_list(control, runtime)
     except ControlGuardUnavailable as e:
-        raise SystemExit(f"minusfed superlink: refusing to start with an open Control API: {e}")
+        raise SystemExit(f"minusfed superlink: refusing to start with an open Control API: {e}") from None
     from flwr.common.logger import log
     log(INFO, "minusfed superlink: Control API only from %s; Runtime API only from %s",
         ", ".join(map(str, control)), ", ".join(map(str, runtime)))
