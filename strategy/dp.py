@@ -244,7 +244,7 @@ class AccountedClientSideFixedClipping(ReportingStrategy,
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
-        averaged = list(self.strategy.averaged_nodes)    # empty if Flower's wrapper skipped
+        averaged = sorted(self.strategy.averaged_nodes)  # empty if Flower's wrapper skipped
         info = self._round or {"sampled": [], "released": False}
         info["aggregated"] = averaged
         if arrays is None:
