@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.common.logger import FLOWER_LOGGER
 
 from task.config import DEFAULT_DATA
+from tests.flower_log import FlowerLog
 
 ALLOW_NO_DATA = "MINUSFED_ALLOW_NO_DATA"
 
@@ -50,3 +52,12 @@ def site_dirs(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("MINUSFED_CACHE_DIR", str(root / "cache"))
     monkeypatch.setenv("MINUSFED_STATE_DIR", str(root / "state"))
     return root
+
+
+@pytest.fixture
+def site_log():
+    """Flower's log lines during the test (`.lines`, `.text()`)."""
+    handler = FlowerLog()
+    FLOWER_LOGGER.addHandler(handler)
+    yield handler
+    FLOWER_LOGGER.removeHandler(handler)

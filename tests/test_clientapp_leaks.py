@@ -14,7 +14,6 @@ The fault hook (clients/faults.py) is checked the same way: a handler leak from 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app, privacy_eval
@@ -35,25 +33,6 @@ from task.wire import select
 
 FACE = np.random.default_rng(0).random(112 * 112 * 3).tolist()    # one face's worth of values
 LEAKS = ("extra-metric-keys", "face-in-a-metric", "head-in-arrays")
-
-
-class SiteLog(logging.Handler):
-    """What Flower's logger (the site's log) receives."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def site_log():
-    handler = SiteLog()
-    FLOWER_LOGGER.addHandler(handler)
-    yield handler
-    FLOWER_LOGGER.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ on LFW to prove that every real reply passes.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -31,7 +30,6 @@ from flwr.app import (
 )
 from flwr.app.message.message import make_message
 from flwr.clientapp import ClientApp
-from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.guard import (
@@ -49,6 +47,7 @@ from clients.guard import (
 )
 from minusface import provenance
 from minusface.frontend import MinusFaceFrontend
+from tests.flower_log import FlowerLog
 
 SHARED = {"backbone.conv.weight": (4, 3, 3, 3), "backbone.fc.bias": (8,)}
 FACE_VALUES = 112 * 112 * 3                               # 37,632
@@ -93,28 +92,6 @@ def refused(msg: Message, reply: Message, *fragments: str) -> str:
 def is_fixed_error(reply: Message) -> bool:
     return (reply.has_error() and reply.error.code == GUARD_ERROR_CODE
             and reply.error.reason == GUARD_ERROR_REASON)
-
-
-class FlowerLog(logging.Handler):
-    """Collects what Flower's logger (the site's log) receives; it does not propagate to root."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def text(self) -> str:
-        return "\n".join(self.format(r) for r in self.records)
-
-
-@pytest.fixture
-def site_log():
-    handler = FlowerLog()
-    FLOWER_LOGGER.addHandler(handler)
-    yield handler
-    FLOWER_LOGGER.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)

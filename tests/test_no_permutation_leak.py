@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.task_identity import TaskIdentity
 
 from minusface.shuffle import shuffle_channels
@@ -100,15 +99,6 @@ def leaks(known: Permutation, files: Iterable[Path] = (), records: Iterable[Reco
     return found
 
 
-class AllLogs(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture
 def known(monkeypatch) -> Permutation:
     """The CSPRNG patched to the known permutation; the shuffle is shown to use it."""
@@ -121,12 +111,9 @@ def known(monkeypatch) -> Permutation:
 
 
 @pytest.fixture
-def logs(caplog):
-    caplog.set_level(logging.DEBUG)
-    handler = AllLogs()                      # Flower's logger does not propagate to the root
-    FLOWER_LOGGER.addHandler(handler)
-    yield lambda: handler.lines + [r.getMessage() for r in caplog.records]
-    FLOWER_LOGGER.removeHandler(handler)
+def logs(caplog, site_log):
+    caplog.set_level(logging.DEBUG)          # Flower's logger does not propagate to the root
+    return lambda: site_log.lines + [r.getMessage() for r in caplog.records]
 
 
 def test_the_search_finds_a_planted_permutation(known, tmp_path):
