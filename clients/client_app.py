@@ -24,6 +24,7 @@ from clients.dp import dp_clipping_mod
 from clients.faults import inject_fault, inject_handler_bug
 from clients.guard import outbound_guard
 from clients.local import local_evaluate, local_train, stage_models
+from clients.privacy_eval import privacy_config, site_privacy_metrics
 from clients.site import SiteData, federation_identities, load_site, site_identities_from_folder
 from clients.site_state import cache_dir, head_file, load_head, save_head, state_dir
 from privacy.report import privacy_preset_for
@@ -145,7 +146,6 @@ def privacy_evaluate(msg: Message, context: Context) -> Message:
     """Message type "evaluate.privacy": every privacy attack on this site's own faces with the
     global frozen g (and f_p under "arrays", if sent); the reply is ONE MetricRecord of numbers
     (see clients.privacy_eval for the attacker-aux / evaluated split of the site's identities)."""
-    from clients.privacy_eval import privacy_config, site_privacy_metrics
     site, _ = _site(context)
     cfg = run_config(context.run_config)
     conf = msg.content[CONFIG] if CONFIG in msg.content else ConfigRecord()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from flwr.common.logger import log
 
-from clients.data import FaceDataset, load_faces, scan_identity_folders, view2_fold_split
+from clients.data import IMAGE_EXTENSIONS, FaceDataset, load_faces, scan_identity_folders, view2_fold_split
 from clients.site_state import warn_once
 from minusface.presets import Preset
 
@@ -169,7 +169,6 @@ def site_identities_from_folder(root: Path, preset: Preset) -> dict[str, list[st
 
     An unusable folder raises an error that names it, says what it holds and what a site folder
     must hold (the ClientApp's error reply carries it to the server log and metrics.jsonl)."""
-    from clients.data import IMAGE_EXTENSIONS
     need = preset.min_images_per_identity
     expected = (f"expected one sub-folder per identity holding its face images "
                 f"({root}/<identity>/<image>, suffix {'/'.join(IMAGE_EXTENSIONS)}), "

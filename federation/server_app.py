@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from federation.privacy_round import run_privacy_round
 from federation.report import write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
@@ -302,7 +303,6 @@ def run_server(grid: Grid, context: Context) -> None:
     report = write_report(out_dir, preset)
     log(INFO, "minusfed: finished; report %s", report)
     if cfg.privacy_eval:                            # every site attacks its own faces
-        from federation.privacy_round import run_privacy_round
         gen = frozen if frozen is not None else select(state[STAGE1], GENERATOR)
         summary = run_privacy_round(grid, out_dir, gen, state[STAGE2],
                                     privacy_preset_for(preset.name), cfg.seed)

@@ -13,6 +13,7 @@ and stops the SuperLink by PID.  Used by tests, benchmarks and `make demo`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -185,14 +187,12 @@ def run_simulation(run_config: Mapping[str, object], num_supernodes: int = 2, *,
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m simulation.launch key=value ... [--nodes N]`: one run, exit 0 iff completed."""
-    import argparse
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("config", nargs="*", help="run-config entries key=value (TOML values)")
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--num-cpus", type=int, default=1)
     ap.add_argument("--num-gpus", type=float, default=0.0)
     args = ap.parse_args(argv)
-    import tomllib
     cfg = tomllib.loads("\n".join(args.config)) if args.config else {}
     result = run_simulation(cfg, args.nodes, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                             echo=True)

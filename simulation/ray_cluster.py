@@ -41,6 +41,7 @@ Ray quirks met on the way (Ray 2.55):
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import json
 import os
@@ -387,7 +388,6 @@ def _tail(path: Path, chars: int = 3000) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m simulation.ray_cluster [--head-cpus N --worker-cpus M]`: start a loopback
     head + worker, print the address and nodes, wait for Ctrl-C or SIGTERM, then stop them."""
-    import argparse
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--head-cpus", type=int, default=1)
     ap.add_argument("--worker-cpus", type=int, default=1)

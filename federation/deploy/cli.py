@@ -18,6 +18,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .app_digest import AppDigestError, app_digest
+from .keys import make_ca_and_server_cert, make_node_keys
+from .local import commands_for_sites, deploy_local
+
 # flwr.common.config.parse_config_args: key=value pairs, values TOML-typed (strings quoted)
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
@@ -47,7 +51,6 @@ def parse_run_config(entries: list[str] | None) -> dict[str, Any]:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from .keys import make_ca_and_server_cert
     try:
         paths = make_ca_and_server_cert(args.out, args.hosts, days=args.days,
                                         overwrite=args.overwrite)
@@ -61,7 +64,6 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_node_keys(args: argparse.Namespace) -> int:
-    from .keys import make_node_keys
     try:
         pairs = make_node_keys(args.out, args.n, prefix=args.prefix, overwrite=args.overwrite)
     except (FileExistsError, ValueError) as e:
@@ -73,7 +75,6 @@ def _cmd_node_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_local(args: argparse.Namespace) -> int:
-    from .local import commands_for_sites, deploy_local
     try:
         run_config = parse_run_config(args.run_config)
     except (OSError, ValueError) as e:
@@ -102,7 +103,6 @@ def _cmd_local(args: argparse.Namespace) -> int:
 
 
 def _cmd_app_digest(args: argparse.Namespace) -> int:
-    from .app_digest import AppDigestError, app_digest
     try:
         digest = app_digest(Path(args.app))
     except AppDigestError as e:
