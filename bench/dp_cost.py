@@ -34,6 +34,7 @@ from bench.common import (
     git_commit,
     machine,
     markdown_table,
+    site_configs,
 )
 from federation.report import read_run_log
 from minusface.presets import PRESETS, get_preset
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     np.random.seed(a.seed)
     with observed_grid(norms, errors):
-        ip.run_inprocess({**base, "out-dir": str(out / "no-dp")}, a.clients)
+        ip.run_inprocess({**base, "out-dir": str(out / "no-dp")}, a.clients,
+                         node_configs=site_configs(a.clients, out / "cache", out / "no-dp-state"))
     t_base = time.perf_counter() - t0
     by_stage: dict[str, list[float]] = {}
     for stage, n in norms:
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ip.run_inprocess({**base, "out-dir": str(out / "dp"),
                           "dp-noise-multiplier": a.noise_multiplier,
                           "dp-clipping-norm": float(clip), "dp-target-delta": a.target_delta},
-                         a.clients)
+                         a.clients, node_configs=site_configs(a.clients, out / "cache", out / "dp-state"))
     t_dp = time.perf_counter() - t0
     ledger = json.loads((out / "dp" / "dp_ledger.json").read_text())
 

@@ -38,6 +38,7 @@ from bench.common import (
     data_path,
     markdown_table,
     provenance,
+    site_configs,
 )
 from clients.data import FaceDataset, load_faces
 from clients.site import federation_identities, split_held_out
@@ -109,8 +110,7 @@ def run_federated(config: Mapping[str, object], clients: int, work: Path) -> dic
     for folder in (out_dir, work / "state"):
         shutil.rmtree(folder, ignore_errors=True)  # a benchmark measures a fresh run, no resume
     # the sites' own folders: a shared face cache, and margin heads of this run only
-    nodes = [{"partition-id": i, "num-partitions": clients, "cache-dir": str(work / "cache"),
-              "state-dir": str(work / "state")} for i in range(clients)]
+    nodes = site_configs(clients, work / "cache", work / "state")
     t0 = time.perf_counter()
     run_inprocess(config, clients, node_configs=nodes)
     wall = time.perf_counter() - t0
