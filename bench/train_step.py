@@ -2,16 +2,24 @@
 
     python -m bench.train_step --preset cpu-small --batch 32           # CPU
     python -m bench.train_step --preset paper --batch 64 256           # GPU (bf16 + channels_last)
+    python -m bench.train_step --preset cpu-small --compare-precision 3 # CPU: float32 vs bf16
 
 One full step each (forward, backward, SGD update) on random faces, median of --iters after
 --warmup, synchronised on CUDA.  FLOPs per image are counted once with torch's FlopCounterMode
 (convolutions and matrix products, forward + backward); on CUDA the achieved rate is compared
 with the bf16 peak (--peak-tflops, default the H100/H200 datasheet's).  The ratio
 MinusFace / unprotected img/s is the front end's training cost.
+`--compare-precision R` (CPU): each recipe's step in every precision candidate of
+minusface/precision.py (float32 NCHW, bf16 autocast, bf16 + channels_last; protect() inside
+stage 2 in the same mode) and as the policy chooses ("auto": its probe, or this machine's cached
+choice, picked per model), the variants alternating step by step in one process, median of R x
+--iters steps after --warmup; the policy's choice is named and its speed-up over float32 given.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import platform
 import sys
 from collections.abc import Sequence
@@ -20,10 +28,11 @@ from functools import partial
 import torch
 
 from bench.common import arg_parser, markdown_table, median_seconds, provenance
+from minusface import precision
 from minusface.generator import UNetGenerator
 from minusface.presets import Preset, get_preset
 from minusface.runtime import tune_allocator
-from minusface.trainer import Models, build_models, make_optimizer, train_step
+from minusface.trainer import Models, build_models, make_optimizer, step_plan, train_step
 
 DATASHEET_BF16_TFLOPS = 989.0      # H100 / H200 SXM dense bf16 (a lead; bench/gpu.py measures)
 
@@ -138,6 +147,52 @@ def compare(what: str, preset: str, batch: int, device: torch.device, classes: i
               f"{' / '.join(f'{x:.2f}' for x in v)} img/s")
 
 
+def compare_precision(preset_name: str, batch: int, classes: int, iters: int, warmup: int,
+                      repeats: int, recipes: Sequence[str] = ("baseline", "stage1", "stage2")
+                      ) -> str:
+    """ms per image of each recipe's CPU training step in each precision candidate and as the
+    policy chooses, alternating step by step (same initial weights and faces for all)."""
+    preset = get_preset(preset_name)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    generator = UNetGenerator(width=preset.generator_width)
+    x = torch.rand(batch, 3, 112, 112) * 2 - 1
+    y = torch.randint(0, classes, (batch,))
+    variants = (*precision.CANDIDATES, "policy")
+    rows = []
+    for recipe in recipes:
+        torch.manual_seed(1)
+        g = None
+        if recipe == "stage2":
+            g = UNetGenerator(width=preset.generator_width)
+            g.load_state_dict(generator.state_dict())
+        base = build_models(recipe, preset, classes, generator=g)
+        runs = {}
+        for v in variants:
+            models = copy.deepcopy(base)
+            models.train()
+            opt = make_optimizer(models, preset)
+
+            def step(v: str = v, models: Models = models, opt=opt) -> None:
+                mode = precision.forced(v) if v != "policy" else contextlib.nullcontext()
+                with mode:
+                    train_step(models, x, y, opt, cpu)
+            runs[v] = step
+        ms = precision.time_alternating(runs, iters * repeats, warmup)
+        chosen = step_plan(base, batch, cpu).choice
+        protect = ""
+        if recipe == "stage2":
+            protect = f", protect() {precision.inference_plan('protect', g, 2).choice}"
+        rows.append([f"{recipe} ({preset.name}, batch {batch})",
+                     *(f"{ms[v] / batch:.1f}" for v in variants),
+                     f"{chosen}{protect}", f"{ms['float32'] / ms['policy']:.2f}x"])
+        print(f"  {recipe}: " + ", ".join(f"{v} {ms[v] / batch:.1f}" for v in variants)
+              + " ms/img", flush=True)
+    return markdown_table(["step (ms / img)", "float32 NCHW", "bf16 autocast",
+                           "bf16 + channels_last", "policy", "policy chose",
+                           "float32 / policy"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = arg_parser("bench.train_step", __doc__)
     ap.add_argument("--preset", nargs="+", default=["tiny", "cpu-small"])
@@ -148,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: stage-2 img/s with the row-copy vs the gather shuffle")
     ap.add_argument("--batch", type=int, nargs="+", default=None,
                     help="batch sizes (default: each preset's own)")
+    ap.add_argument("--compare-precision", type=int, default=0, metavar="REPEATS",
+                    help="instead (CPU): every recipe's step in float32, bf16, bf16 + "
+                         "channels_last and as the CPU precision policy chooses, alternating")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -157,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tune_allocator()
     peak = (args.peak_tflops or DATASHEET_BF16_TFLOPS) if device.type == "cuda" else None
+    if args.compare_precision:
+        if device.type != "cpu":
+            raise SystemExit("--compare-precision: a CPU comparison; this machine has CUDA "
+                             "(set CUDA_VISIBLE_DEVICES= to run it on the CPU)")
+        for name in args.preset:
+            for batch in args.batch or [get_preset(name).batch_size]:
+                print(f"{provenance()}; {precision.cpu_features().describe()}")
+                print(compare_precision(name, batch, args.classes, args.iters, args.warmup,
+                                        args.compare_precision))
+        return 0
     for what, repeats in (("decode-backward", args.compare_decode_backward),
                           ("shuffle", args.compare_shuffle)):
         if repeats:

@@ -2,6 +2,7 @@
 
     python -m bench.transform [--batch 32] [--repeats 3] [--threads N]
     python -m bench.transform --compare-allocators     # every MINUSFED_ALLOCATOR mode side by side
+    python -m bench.transform --precision-only         # only the CPU precision table
 
 Prints img/s per stage and the ratio (e + d) / g(w = 64), all measured side by side in one run
 (best of `repeats`), plus protect() latency at batch 1 and protect() img/s at batch 1, 32 and 256
@@ -10,6 +11,11 @@ Prints img/s per stage and the ratio (e + d) / g(w = 64), all measured side by s
 (MINUSFED_ALLOCATOR, minusface/runtime.py: the settings are per process and PyTorch reads its
 huge-page switch once), alternating the modes twice, and prints best-of per mode with each
 child's peak RSS.
+On a CPU it also prints g and protect() in every precision candidate (float32 NCHW, bf16
+autocast, bf16 + channels_last; minusface/precision.py) side by side, the modes alternating in
+one process (median of --repeats), with the policy's own choice (its short probe, or this
+machine's cached one) marked *: the probe should pick the fastest, and never one slower than
+float32.  The rows above the table run as the policy chooses (MINUSFED_CPU_PRECISION overrides).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from bench.common import (
     provenance,
     timings,
 )
+from minusface import precision
 from minusface.dct import decode, encode
 from minusface.frontend import MinusFaceFrontend
 from minusface.generator import UNetGenerator
@@ -60,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-allocators", action="store_true",
                     help="one child process per allocator mode, alternating, twice")
     ap.add_argument("--json", action="store_true", help="print one JSON line (for the parent)")
+    ap.add_argument("--precision-only", action="store_true",
+                    help="only the CPU precision table (float32 vs bf16, the policy's choice)")
+    ap.add_argument("--precision-batch", type=int, default=8,
+                    help="the larger batch of the precision table's g and protect() rows")
     args = ap.parse_args(argv)
     if args.compare_allocators:
         return compare_allocators(args)
@@ -67,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not tune_allocator():
         print(f"warning: glibc refused allocator mode {allocator_mode()}", file=sys.stderr)
+    if args.precision_only:
+        print(f"{provenance()}; {precision.cpu_features().describe()}")
+        print(precision_table(args.repeats, args.precision_batch))
+        return 0
     torch.manual_seed(0)
     b = args.batch
     faces = torch.rand(b, 3, 112, 112) * 2 - 1
@@ -103,7 +118,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"protect() latency at batch 1 (w = 64): {1000 * lat:.1f} ms per image")
     for pb, rate in protect_rates.items():
         print(f"protect() at batch {pb} (w = 64): {rate:.1f} img/s")
+    print(f"\nCPU precision ({precision.cpu_features().describe()}), median of {args.repeats}, "
+          f"modes alternating:")
+    print(precision_table(args.repeats, args.precision_batch))
     return 0
+
+
+def precision_table(repeats: int, batch: int) -> str:
+    """g and protect() in each precision candidate, alternating in this process; ms per image,
+    the policy's choice marked * (its own probe, or the cached one, at the same batch)."""
+    torch.manual_seed(0)
+    gens = {64: UNetGenerator(width=64).eval(), 16: UNetGenerator(width=16).eval()}
+    fe = MinusFaceFrontend(generator=gens[64]).eval()
+    faces = {n: torch.rand(n, 3, 112, 112) * 2 - 1 for n in (1, batch)}
+    coef = {n: encode(f) for n, f in faces.items()}
+
+    def g_run(w: int, n: int) -> dict[str, Callable[[], object]]:
+        def one(plan: precision.Plan) -> Callable[[], object]:
+            def run() -> None:
+                with torch.no_grad(), plan.autocast():
+                    gens[w](plan.layout(coef[n]))
+            return run
+        return {c: one(precision.Plan("bench", c)) for c in precision.CANDIDATES}
+
+    def protect_run(n: int) -> dict[str, Callable[[], object]]:
+        return {c: (lambda c=c: fe.protect(faces[n], precision_mode=c, register=False))
+                for c in precision.CANDIDATES}
+
+    cases = [(f"g (w = {w}), forward, batch {n}", n, gens[w], n, g_run(w, n))
+             for w, n in ((64, 1), (64, batch), (16, batch))]
+    # protect() runs g in micro-batches of 2 on a CPU: the policy's plan is the one for that
+    cases += [(f"protect() (w = 64), batch {n}", n, gens[64], min(n, 2), protect_run(n))
+              for n in (1, batch)]
+    rows = []
+    for label, n, g, plan_batch, runs in cases:
+        ms = {c: v / n for c, v in precision.time_alternating(runs, repeats, 1).items()}
+        chosen = precision.inference_plan("protect", g, plan_batch, mode="auto").choice
+        cells = [f"{ms[c]:.1f}{' *' if c == chosen else ''}" for c in precision.CANDIDATES]
+        rows.append([label, *cells, f"{ms['float32'] / ms[chosen]:.2f}x"])
+    return markdown_table(["model, pass (ms / img)", "float32 NCHW", "bf16 autocast",
+                           "bf16 + channels_last", "float32 / chosen"], rows)
 
 
 def compare_allocators(args: argparse.Namespace) -> int:

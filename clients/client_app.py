@@ -27,6 +27,7 @@ from clients.local import local_evaluate, local_train, stage_models
 from clients.privacy_eval import privacy_config, site_privacy_metrics
 from clients.site import SiteData, federation_identities, load_site, site_identities_from_folder
 from clients.site_state import cache_dir, head_file, load_head, save_head, state_dir
+from minusface.precision import configure as configure_precision
 from privacy.report import privacy_preset_for
 from simulation.partition import partition_for_client
 from task.config import RunConfig, resolve_data_path, run_config
@@ -82,6 +83,7 @@ def _stored_head(context: Context, stage: str, path: Path | None) -> tuple[dict 
 
 def _models(msg: Message, context: Context, site: SiteData, tag: str, training: bool = False):
     cfg = run_config(context.run_config)
+    configure_precision(cfg.cpu_precision)          # this machine's $MINUSFED_CPU_PRECISION wins
     conf = msg.content[CONFIG]
     stage = str(conf["stage"])
     preset = cfg.preset()

@@ -97,8 +97,9 @@ def local_train(models: Models, stage: str, site: SiteData, preset: Preset, lr: 
         stats = train_epoch(models, site.train.images, site.train.labels, preset, optimizer,
                             None, device, seed=epoch_seed(seed, epoch), progress=progress,
                             desc=f"{stage} local epoch {epoch + 1}/{epochs}")
-    shared = flatten(shared_modules(models, stage))
-    head = {k: v.detach().cpu() for k, v in models.head.state_dict().items()}
+    # contiguous: a CPU precision plan may have trained in channels_last (minusface.precision)
+    shared = {k: v.contiguous() for k, v in flatten(shared_modules(models, stage)).items()}
+    head = {k: v.detach().cpu().contiguous() for k, v in models.head.state_dict().items()}
     metrics = {"num-examples": int(site.train.num_images),
                "train_loss": float(stats.get("loss", float("nan"))),
                "train_acc": float(stats.get("train_acc", float("nan"))),

@@ -87,6 +87,7 @@ class IResNet(nn.Module):
     def __init__(self, depth: int, in_channels: int, width: int = 64,
                  embedding_size: int = EMBEDDING_SIZE, dropout: float = 0.4) -> None:
         super().__init__()
+        self.in_channels = in_channels           # 3 for f_p on X_p, 192 for f on r
         if depth not in IR_UNITS:
             raise ValueError(f"IR depth must be one of {sorted(IR_UNITS)}, got {depth}")
         widths = [width, 2 * width, 4 * width, 8 * width]
@@ -147,6 +148,7 @@ class MobileFaceNet(nn.Module):
 
     def __init__(self, in_channels: int, embedding_size: int = EMBEDDING_SIZE) -> None:
         super().__init__()
+        self.in_channels = in_channels
         self.conv2_dw = conv_bn_prelu(64, 64, 3, 1, groups=64)
         self.conv_23 = DepthWise(64, 64, 128, 2)
         self.conv_3 = residual_stack(64, 128, 4)

@@ -2,6 +2,8 @@
 
 F(X) = d(s(e(X) - g(e(X)); theta)) with a fresh CSPRNG permutation theta per image.  Stage 1
 trains g and f on the unshuffled residue r; stage 2 and deployment only ever call `protect`.
+On a CPU, `protect` runs g as `minusface.precision` measured fastest for this g and batch
+(float32, or bf16 autocast with or without channels_last); e, d and the shuffle stay float32.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from .dct import decode, decoded_to_signed, encode
 from .generator import UNetGenerator
+from .precision import NATIVE, Plan, inference_plan
 from .provenance import register_protected
 from .shuffle import shuffle_channels
 
@@ -37,20 +40,25 @@ class MinusFaceFrontend(nn.Module):
         """Residue path used while co-training g and f (gradients flow into g)."""
         x = encode(faces)
         regen, latent = self.generator.forward_with_latent(x)
+        regen = regen.float()            # d stays float32 when g ran under bf16 autocast
         return Stage1Output(residue=x - regen, regenerated=decoded_to_signed(decode(regen)),
                             latent=latent)
 
-    def residue(self, faces: torch.Tensor) -> torch.Tensor:
+    def residue(self, faces: torch.Tensor, plan: Plan = NATIVE) -> torch.Tensor:
+        """r = e(X) - g(e(X)) in float32: a bf16 g(x) (under `plan`) is promoted by the subtraction."""
         x = encode(faces)
-        return x - self.generator(x)
+        r = x - self.generator(plan.layout(x))
+        return r.contiguous() if plan.channels_last else r
 
-    def forward(self, faces: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, faces: torch.Tensor, rng: torch.Generator | None = None,
+                plan: Plan = NATIVE) -> torch.Tensor:
         """X_p = d(s(r; theta)), differentiable w.r.t. nothing the server sees; see `protect`."""
-        return decode(shuffle_channels(self.residue(faces), generator=rng))
+        return decode(shuffle_channels(self.residue(faces, plan), generator=rng))
 
     @torch.no_grad()
     def protect(self, faces: torch.Tensor, rng: torch.Generator | None = None,
-                micro_batch: int | None = None, register: bool = True) -> torch.Tensor:
+                micro_batch: int | None = None, register: bool = True,
+                precision_mode: str | None = None) -> torch.Tensor:
         """Protected images X_p (N, 3, 112, 112) in [0, 1] from faces in [-1, 1].
 
         Each call draws new permutations, so protecting the same face twice gives different X_p.
@@ -58,16 +66,22 @@ class MinusFaceFrontend(nn.Module):
         of 2 (`micro_batch`): the 192-channel intermediates then stay small enough to be reused
         by the allocator instead of being page-faulted in again (about 1.5x faster, measured).
         `register=False` skips recording the outputs for the outbound guard: for X_p that is
-        consumed on the site (stage-2 training, evaluation) and never shipped.
+        consumed on the site (stage-2 training, evaluation) and never shipped.  On a CPU, g
+        runs under `precision.inference_plan("protect", g, batch)` (`precision_mode` overrides
+        the process's mode for this call); its own autocast setting, also inside a caller's.
         """
         _check_faces(faces)
+        cpu = faces.device.type == "cpu"
         if micro_batch is None:
-            micro_batch = 2 if faces.device.type == "cpu" else faces.shape[0]
-        if faces.shape[0] <= micro_batch:
-            protected = self.forward(faces, rng=rng)
-        else:
-            protected = torch.cat([self.forward(faces[s:s + micro_batch], rng=rng)
-                                   for s in range(0, faces.shape[0], micro_batch)])
+            micro_batch = 2 if cpu else faces.shape[0]
+        step = max(1, min(micro_batch, faces.shape[0]))
+        plan = inference_plan("protect", self.generator, step, precision_mode) if cpu else NATIVE
+        with plan.autocast():
+            if faces.shape[0] <= micro_batch:
+                protected = self.forward(faces, rng=rng, plan=plan)
+            else:
+                protected = torch.cat([self.forward(faces[s:s + micro_batch], rng=rng, plan=plan)
+                                       for s in range(0, faces.shape[0], micro_batch)])
         if register:
             register_protected(protected)  # lets clients.guard.outbound_guard release exactly these
         return protected

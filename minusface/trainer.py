@@ -9,8 +9,9 @@ SGD steps; stage 1 visits each image once (paper).
 
 A run checkpoints after every epoch (atomic rename), appends one JSON line per epoch to
 `metrics.jsonl`, and resumes from `checkpoint.pt` with the same per-step LR schedule and the
-same epoch-seeded batch order.  On CUDA it uses bf16 autocast and channels_last; the DCT maps
-always run in float32 (see `MinusFaceFrontend`).
+same epoch-seeded batch order.  On CUDA it uses bf16 autocast and channels_last; on a CPU each
+recipe's step runs as `minusface.precision` measured fastest (float32, or bf16 autocast with or
+without channels_last; `step_plan`).  The DCT maps always run in float32 (see `minusface.dct`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from .batches import iterate_batches
 from .frontend import MinusFaceFrontend
 from .generator import UNetGenerator
 from .heads import build_head
-from .losses import baseline_loss, freeze, stage1_loss, stage2_loss
+from .losses import baseline_loss, freeze, recognition_loss, stage1_loss, stage2_loss
 from .optim import build_optimizer, build_scheduler
+from .precision import NATIVE, Plan, embed_context, training_plan
 from .presets import Preset
 from .runtime import tune_allocator
 
@@ -54,7 +56,7 @@ def default_device() -> torch.device:
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; nothing on CPU (no bf16 speed-up on most CPUs)."""
+    """bf16 autocast on CUDA; nothing on CPU (there `step_plan` decides, by measurement)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -133,6 +135,29 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1000 + epoch
 
 
+def step_plan(models: Models, batch: int, device: torch.device,
+              mode: str | None = None) -> Plan:
+    """How this recipe's training step runs on `device` (NATIVE off the CPU): stage 1 probes
+    g + f, stage 2 and the baseline probe the recognizer on 3-channel images (stage 2's
+    protect() has its own plan)."""
+    if device.type != "cpu":
+        return NATIVE
+    num_classes = int(models.head.weight.shape[-1])
+    if models.recipe == "stage1":
+        modules = {"generator": models.frontend.generator, "recognizer": models.recognizer,
+                   "head": models.head}
+
+        def step(m, x, y):
+            return stage1_loss(MinusFaceFrontend(generator=m["generator"]), m["recognizer"],
+                               m["head"], x, y)[0]
+    else:
+        modules = {"recognizer": models.recognizer, "head": models.head}
+
+        def step(m, x, y):
+            return recognition_loss(m["recognizer"], m["head"], x, y)[0]
+    return training_plan(models.recipe, step, modules, 3, num_classes, batch, mode)
+
+
 def train_step(models: Models, faces: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer, device: torch.device,
                rng: torch.Generator | None = None) -> dict[str, float]:
@@ -140,7 +165,9 @@ def train_step(models: Models, faces: torch.Tensor, labels: torch.Tensor,
     labels = labels.to(device, non_blocking=True)
     if device.type == "cuda":
         faces = faces.contiguous(memory_format=torch.channels_last)
-    with autocast(device):
+    plan = step_plan(models, faces.shape[0], device)
+    plan.prepare(*models.modules().values())
+    with autocast(device), plan.autocast():
         if models.recipe == "baseline":
             loss, parts = baseline_loss(models.recognizer, models.head, faces, labels)
         elif models.recipe == "stage1":
@@ -294,7 +321,11 @@ def evaluate_verification(models: Models, faces: torch.Tensor, idx_a: np.ndarray
 
     device = device or next(models.recognizer.parameters()).device
     transform = models.transform()
-    emb = embed(models.recognizer, faces, transform=transform, batch_size=batch_size,
-                flip=True, device=device)
+    context, model_fn = contextlib.nullcontext(), models.recognizer
+    if device.type == "cpu":
+        context, model_fn = embed_context(models.recognizer, batch_size)
+    with context:
+        emb = embed(model_fn, faces, transform=transform, batch_size=batch_size,
+                    flip=True, device=device)
     scores = pair_scores(emb[idx_a], emb[idx_b])
     return verification_metrics(scores, np.asarray(same, dtype=bool), n_folds=10, folds=folds)

@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 
 from minusface.backbones import BACKBONES
+from minusface.precision import MODES as CPU_PRECISIONS
 from minusface.presets import PRESETS, Preset
 from simulation.partition import SCHEMES
 from task.wire import WIRE_DTYPES
@@ -68,6 +69,9 @@ class RunConfig:
     # floating-point weights on the wire, both ways (float16: half the bytes; the server keeps
     # a float32 master copy).  NumPy, and so Flower's ArrayRecord, has no bfloat16
     wire_dtype: str
+    # CPU precision of protect(), training and evaluation (minusface/precision.py): "auto"
+    # measures float32 vs bf16 per model and batch; $MINUSFED_CPU_PRECISION on a machine wins
+    cpu_precision: str
     privacy_eval: bool                 # after training every site attacks its own faces
     # central DP (strategy/dp.py): noise multiplier z (0 = off), client clipping norm C,
     # accountant delta, stop before epsilon would exceed the cap (0 = no cap)
@@ -261,6 +265,7 @@ def _named_choices() -> dict[str, Callable[[str], str]]:
 _CHECKS: dict[str, Callable[[object], str | None]] = {
     "preset": _one_of(tuple(PRESETS)),
     "wire-dtype": _one_of(tuple(WIRE_DTYPES)),
+    "cpu-precision": _one_of(CPU_PRECISIONS),
     "stage1-rounds": _at_least(1),
     "stage2-rounds": _at_least(0, " (0 = stage 1 only)"),
     "local-epochs": _at_least(1),

@@ -15,6 +15,13 @@ from tests.flower_log import FlowerLog
 ALLOW_NO_DATA = "MINUSFED_ALLOW_NO_DATA"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite checks the float32 path (no probes, bit-stable numbers), module-scoped fixtures
+    and the processes tests start included; the bf16 policy has its own tests
+    (tests/test_precision.py), which set MINUSFED_CPU_PRECISION themselves."""
+    os.environ["MINUSFED_CPU_PRECISION"] = "float32"
+
+
 @pytest.fixture(scope="session")
 def lfw_root() -> Path:
     """LFW 112x112 folder (env MINUSFED_DATA, default ../shared/data/lfw_112_centercrop).
