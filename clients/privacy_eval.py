@@ -9,7 +9,8 @@ Where the attacker's auxiliary data comes from (honest and local): the site spli
 identities, with a seeded permutation, into two disjoint halves:
 
   attacker-aux  floor(K / 2) identities: the attacker's (view, face) training pairs and the
-                unprotected judge recognizer trained here (preset `judge_preset`)
+                unprotected judge recognizer trained here (preset `judge_preset`), whose
+                identities are therefore disjoint from the evaluated ones
   evaluated     the other ceil(K / 2) identities: the faces every attack is scored on
 
 so no face of an evaluated identity is ever seen by an attacker model, and no face leaves the
@@ -21,6 +22,7 @@ fewer than 3 identities replies {"privacy-skipped": 1, "n-identities": K}.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from collections.abc import Mapping
 
@@ -28,19 +30,35 @@ import numpy as np
 import torch
 
 from minusface.presets import Preset
-from privacy.report import PIXEL_ROWS, PrivacyConfig, get_privacy_config
+from privacy.gates import CONSTANT_ROWS
+from privacy.report import (
+    FP_ROW,
+    JUDGE_ROW,
+    PIXEL_ROWS,
+    REGEN_ROW,
+    STUDENT_ROW,
+    XP_ROW,
+    PrivacyConfig,
+    get_privacy_config,
+)
 from task.models import generator_from_arrays
 
-METRIC_KEYS = ("ssim", "ms_ssim", "psnr", "tar@0.01", "tar@0.001", "rank1", "grad_cos")
+PIXEL_KEYS = ("ssim", "ms_ssim", "psnr", "n")
+IDENTITY_KEYS = ("rank1", "auc", "accuracy", "tar@0.01", "tar@0.001", "genuine_cos", "n")
+CI_ROWS, CI_KEYS = ("none", "minusface", FP_ROW), ("ssim", "psnr", "rank1", "auc")
+METRIC_KEYS = (*dict.fromkeys((*PIXEL_KEYS, *IDENTITY_KEYS, "grad_cos")),
+               *(f"{k}_{end}" for k in CI_KEYS for end in ("lo", "hi")))
 # Rows evaluate_client / gradient_inversion.evaluate_gradient_inversion can produce, and the
 # scalars flatten_metrics / site_privacy_metrics add: the outbound guard's allow-list for the
 # privacy reply (`privacy_metric_names`; tests/test_guard.py checks a real reply against it).
-REPORT_ROWS = ("view: X_p itself", *PIXEL_ROWS, "linkage", "mean-face guess")
+REPORT_ROWS = (XP_ROW, REGEN_ROW, *PIXEL_ROWS, *CONSTANT_ROWS, JUDGE_ROW, FP_ROW, STUDENT_ROW)
 GI_ROWS = (*(f"{prefix}/{view}" for prefix in ("gi", "gi-probe")
              for view in ("none", "minusface", "minusface vs X_p", "minusface + inverter")),
            "reference: grey guess", "reference: grey guess vs X_p", "reference: random image")
 SCALAR_KEYS = ("gi-batch-size", "n-eval-images", "n-eval-identities", "n-aux-images", "seconds",
-               "aux-own-identities", "n-aux-identities", "privacy-skipped", "n-identities")
+               "aux-own-identities", "n-aux-identities", "privacy-skipped", "n-identities",
+               "pixel-gate-passed", "judge-gate-passed", "gate-psnr", "gate-ssim",
+               "judge-min-auc")
 
 
 def privacy_config(base: str, overrides: Mapping[str, object] | None = None) -> PrivacyConfig:
@@ -78,24 +96,50 @@ def privacy_metric_names() -> frozenset[str]:
     return frozenset({f"{row}/{k}" for row in rows for k in METRIC_KEYS} | set(SCALAR_KEYS))
 
 
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) \
+        and bool(np.isfinite(v))
+
+
 def flatten_metrics(result: dict) -> dict[str, float | int]:
-    """evaluate_client's result -> {"<row>/<metric>": number} (numbers only, no strings)."""
+    """evaluate_client's result -> {"<row>/<metric>": number} (numbers only, no strings).
+
+    Pixel metrics, the cross-image identity metrics of each row (absent where refused or
+    suppressed; "<row>/n" always says how many probes there were), 95 % interval ends
+    ("<key>_lo" / "_hi") for the main rows, and the gate outcomes and thresholds."""
     out: dict[str, float | int] = {}
-    sections = [result.get("metrics", {})]
+    for row, m in result.get("metrics", {}).items():
+        for k in PIXEL_KEYS:
+            if _number(m.get(k)):
+                out[f"{row}/{k}"] = float(m[k])
+        ident = m.get("identity")
+        if isinstance(ident, dict):
+            out[f"{row}/n"] = float(ident.get("n", 0))
+            for k in IDENTITY_KEYS:
+                if _number(ident.get(k)):
+                    out[f"{row}/{k}"] = float(ident[k])
+        if row in CI_ROWS:
+            for k in CI_KEYS:
+                ci = m.get(f"{k}_ci") or (ident or {}).get(f"{k}_ci")
+                if ci:
+                    out[f"{row}/{k}_lo"], out[f"{row}/{k}_hi"] = float(ci[0]), float(ci[1])
     gi = result.get("gradient_inversion")
     if gi:                                    # its rows are named "gi/...", "gi-probe/...", ...
-        sections.append(gi.get("metrics", {}))
         out["gi-batch-size"] = int(gi.get("batch_size", 0))
-    for rows in sections:
-        for row, m in rows.items():
-            for k in METRIC_KEYS:
-                v = m.get(k)
-                if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
-                    out[f"{row}/{k}"] = float(v)
+        for row, m in gi.get("metrics", {}).items():
+            for k in ("ssim", "ms_ssim", "psnr", "grad_cos"):
+                if _number(m.get(k)):
+                    out[f"{row}/{k}"] = float(m[k])
+    cfg = result.get("config", {})
     out.update({"n-eval-images": int(result["n_eval_images"]),
                 "n-eval-identities": int(result["n_eval_identities"]),
                 "n-aux-images": int(result["n_aux_images"]),
-                "seconds": float(result["seconds"])})
+                "seconds": float(result["seconds"]),
+                "pixel-gate-passed": int(bool(result.get("pixel_gate", {}).get("passed"))),
+                "judge-gate-passed": int(bool(result.get("judge_gate", {}).get("passed"))),
+                "gate-psnr": float(cfg.get("gate_psnr", math.nan)),
+                "gate-ssim": float(cfg.get("gate_ssim", math.nan)),
+                "judge-min-auc": float(cfg.get("judge_min_auc", math.nan))})
     return out
 
 

@@ -10,7 +10,8 @@ runs `clients.privacy_eval` locally and replies with one MetricRecord "privacy" 
 
   node-<id>.json   the numbers of one site (or its error)
   summary.json     all sites
-  summary.md       one table: site x attack row, SSIM / PSNR / TAR@1e-2 / rank-1 (+ grad cos)
+  summary.md       one table: site x attack row, n / SSIM / PSNR / rank-1 / AUC / TAR@1e-3 /
+                   grad cos, and each pixel row's gated verdict (privacy.gates)
 
 The attacker data of each site is half of its own identities (see clients.privacy_eval).
 """
@@ -25,10 +26,12 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from privacy.gates import best_constant, pixel_gate, pixel_verdict
+from privacy.report import PIXEL_ROWS, THREAT_SENTENCE
 from task.records import ARRAYS, CONFIG, FROZEN_GENERATOR, PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
 
-SUMMARY_COLUMNS = (("ssim", "SSIM"), ("psnr", "PSNR (dB)"), ("tar@0.01", "TAR@1e-2"),
-                   ("rank1", "rank-1"), ("grad_cos", "grad cos"))
+SUMMARY_COLUMNS = (("n", "n"), ("ssim", "SSIM"), ("psnr", "PSNR (dB)"), ("rank1", "rank-1"),
+                   ("auc", "AUC"), ("tar@0.001", "TAR@1e-3"), ("grad_cos", "grad cos"))
 
 
 def privacy_messages(node_ids, generator: Mapping[str, torch.Tensor],
@@ -58,6 +61,28 @@ def _rows(metrics: Mapping[str, object]) -> dict[str, dict[str, object]]:
     return rows
 
 
+def _cell(m: Mapping[str, object], k: str) -> str:
+    v = m.get(k)
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"
+    if k == "n":
+        return f"{int(v)}"
+    text = f"{v:.2f}" if k == "psnr" else f"{v:.3f}"
+    lo, hi = m.get(f"{k}_lo"), m.get(f"{k}_hi")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+        text += f" [{lo:.2f}, {hi:.2f}]" if k == "psnr" else f" [{lo:.3f}, {hi:.3f}]"
+    return text
+
+
+def site_verdicts(res: Mapping[str, object]) -> tuple[str, dict[str, str]]:
+    """(gate reason, {pixel row: verdict}) rebuilt from a site's numbers with privacy.gates."""
+    rows = _rows(res)
+    gate = pixel_gate(rows, float(res.get("gate-psnr", 30.0)), float(res.get("gate-ssim", 0.95)))
+    const = best_constant(rows)
+    return gate["reason"], {r: pixel_verdict(r, rows[r], gate, const) for r in PIXEL_ROWS
+                            if r in rows}
+
+
 def write_privacy_summary(results: Mapping[str, dict], out_dir: Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,27 +93,31 @@ def write_privacy_summary(results: Mapping[str, dict], out_dir: Path) -> Path:
         {n: {k: _safe(v) for k, v in r.items()} for n, r in results.items()}, indent=2,
         sort_keys=True), encoding="utf-8")
     lines = ["# Privacy evaluation on the sites (evaluate.privacy)", "",
-             "Each site attacked its own faces with the global g; the attacker trained on half "
-             "of the site's identities, the other half was evaluated (clients/privacy_eval.py). "
-             "Only these numbers left the sites. Rows `gi/...`: update leakage (gradient "
-             "inversion, optimistic attacker given the private head and labels).", "",
-             "| site | attack / baseline | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " |",
-             "|---" * (len(SUMMARY_COLUMNS) + 2) + "|"]
+             f"**{THREAT_SENTENCE}**", "",
+             "Each site attacked its own faces with the global g; the attacker and the judge "
+             "trained on half of the site's identities, the other half was evaluated "
+             "(clients/privacy_eval.py). Only these numbers left the sites. Pixel rows count "
+             "only where the site's gate passed (docs/privacy.md); identity columns use "
+             "different photos of each person (rank-1 chance = 1 / gallery size, AUC chance "
+             "0.5) and judge-scored ones are absent where the judge was below its quality bar. "
+             "Rows `gi/...`: update leakage (gradient inversion, optimistic attacker given the "
+             "private head and labels). [a, b]: 95 % interval over identities.", "",
+             "| site | attack / baseline | " + " | ".join(h for _, h in SUMMARY_COLUMNS)
+             + " | verdict |", "|---" * (len(SUMMARY_COLUMNS) + 3) + "|"]
+    empty = " |" * (len(SUMMARY_COLUMNS) + 1)
     for node, res in results.items():
         if "error" in res:
-            lines.append(f"| {node} | error: {res['error']} |" + " |" * len(SUMMARY_COLUMNS))
+            lines.append(f"| {node} | error: {res['error']} |" + empty)
             continue
         if res.get("privacy-skipped"):
-            lines.append(f"| {node} | skipped: {res.get('n-identities')} identities |"
-                         + " |" * len(SUMMARY_COLUMNS))
+            lines.append(f"| {node} | skipped: {res.get('n-identities')} identities |" + empty)
             continue
+        gate, verdicts = site_verdicts(res)
+        lines.append(f"| {node} | pixel gate |" + " |" * len(SUMMARY_COLUMNS) + f" {gate} |")
         for row, m in _rows(res).items():
-            cells = []
-            for k, _ in SUMMARY_COLUMNS:
-                v = m.get(k)
-                cells.append("n/a" if not isinstance(v, (int, float)) or not math.isfinite(v)
-                             else (f"{v:.2f}" if k == "psnr" else f"{v:.3f}"))
-            lines.append(f"| {node} | {row} | " + " | ".join(cells) + " |")
+            cells = [_cell(m, k) for k, _ in SUMMARY_COLUMNS]
+            lines.append(f"| {node} | {row} | " + " | ".join(cells)
+                         + f" | {verdicts.get(row, '')} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "summary.md"
 

@@ -8,8 +8,9 @@ evaluated client's.
 
 * Pixel recovery (attacks 1/2): a 3 -> 3 U-Net inverter, L1 between inverter(view) and the face,
   Adam lr 1e-3 (the paper's attacker), trained on (view, face) pairs the attacker makes itself.
-* Linkage (attack 3, FaceLinkGen-style): a recognizer "student" trained with a cosine loss to map
-  X_p to the judge's embedding of the original face.
+* Linkage (attack 3): the global recognizer f_p itself, with zero training (`privacy.report`),
+  and a recognizer "student" trained from scratch with a cosine loss to map X_p to the judge's
+  embedding of the original face (FaceLinkGen's loss, not its pretrained-teacher recipe).
 * Fixed permutation (attack 4): an inverter trained on views made with ONE known theta, then
   tested on that theta and on fresh CSPRNG permutations.
 * Gradient inversion of shipped updates (attack 5): `privacy.gradient_inversion`.
@@ -21,6 +22,7 @@ views and recovered images are in [0, 1].
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -149,45 +151,104 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarr
     return [order[s:s + bs] for s in range(0, n - bs + 1, bs)]
 
 
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices) of n auxiliary faces: `fraction` held out (>= 2 images,
+    at most 256), none when n < 6 (too few to spare)."""
+    order = np.random.default_rng(seed + 101).permutation(n)
+    k = 0 if n < 6 or fraction <= 0 else int(min(256, max(2, round(fraction * n))))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
 def _fit(model: nn.Module, views: ViewsFn, faces: torch.Tensor, targets: torch.Tensor,
          loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
          epochs: int, batch_size: int, lr: float, seed: int, fresh_views: bool, progress: bool,
-         desc: str, metric: str, min_batch: int = 1) -> nn.Module:
+         desc: str, metric: str, min_batch: int = 1, holdout: float = 0.1,
+         eval_every: int = 25, patience: int = 4) -> nn.Module:
     """The attackers' shared loop: Adam(lr) on `loss_fn(model, views, targets)` over the
-    auxiliary faces, fresh views per batch (or made once), seeded batches; eval mode after."""
+    auxiliary faces, fresh views per batch (or made once), seeded batches.
+
+    A held-out part of the auxiliary faces (`holdout`, views made once) is scored every
+    `eval_every` steps; training stops when that loss has not improved for `patience` checks or
+    after `epochs` epochs (the step budget), and the best checkpoint is kept.  The curve is left
+    on the model as ``model.training_curve`` (steps, train loss, held-out loss, why it stopped).
+    Returns the model in eval mode."""
+    train_idx, held_idx = holdout_split(len(faces), holdout, seed)
+    held_views = views(faces[torch.from_numpy(held_idx)]) if held_idx.size else None
+    held_targets = targets[torch.from_numpy(held_idx)] if held_idx.size else None
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    fixed = None if fresh_views else views(faces)
+    train_faces, train_targets = faces[torch.from_numpy(train_idx)], targets[torch.from_numpy(train_idx)]
+    fixed = None if fresh_views else views(train_faces)
     rng = np.random.default_rng(seed)
-    steps = [_batches(len(faces), batch_size, rng) for _ in range(epochs)]
-    bar = tqdm(total=sum(len(s) for s in steps), desc=desc, unit="step", disable=not progress,
-               leave=False)
+    steps = [_batches(len(train_faces), batch_size, rng) for _ in range(epochs)]
+    budget = sum(len(s) for s in steps)
+    bar = tqdm(total=budget, desc=desc, unit="step", disable=not progress, leave=False)
+    curve = {"step": [], "train_loss": [], "heldout_loss": [], "budget_steps": budget,
+             "n_train": int(len(train_idx)), "n_heldout": int(held_idx.size), "metric": metric}
+    best, best_state, since, step, run_loss = math.inf, None, 0, 0, []
+
+    def check() -> bool:
+        nonlocal best, best_state, since
+        model.eval()
+        with torch.no_grad():
+            losses = [float(loss_fn(model, held_views[s:s + 64], held_targets[s:s + 64]))
+                      * len(held_views[s:s + 64]) for s in range(0, len(held_views), 64)]
+        model.train()
+        h = sum(losses) / len(held_views)
+        curve["step"].append(step)
+        curve["train_loss"].append(float(np.mean(run_loss)) if run_loss else math.nan)
+        curve["heldout_loss"].append(h)
+        run_loss.clear()
+        if h < best - 1e-5:
+            best, since = h, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since += 1
+        return since >= patience
+
     model.train()
+    stopped = "step budget"
     for epoch_batches in steps:
         for idx in epoch_batches:
             if len(idx) < min_batch:
                 continue
             idx_t = torch.from_numpy(idx)
-            v = views(faces[idx_t]) if fixed is None else fixed[idx_t]
-            loss = loss_fn(model, v, targets[idx_t])
+            v = views(train_faces[idx_t]) if fixed is None else fixed[idx_t]
+            loss = loss_fn(model, v, train_targets[idx_t])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            step += 1
+            run_loss.append(loss.item())
             bar.update(1)
             bar.set_postfix({metric: f"{loss.item():.4f}"}, refresh=False)
+            if held_views is not None and step % max(1, eval_every) == 0 and check():
+                stopped = f"held-out loss did not improve for {patience} checks"
+                break
+        else:
+            continue
+        break
+    if held_views is not None and (not curve["step"] or curve["step"][-1] != step):
+        check()
     bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    curve.update({"steps": step, "stopped": stopped,
+                  "best_heldout_loss": None if best == math.inf else best})
+    model.training_curve = curve
     return model.eval()
 
 
 def train_inverter(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray, epochs: int,
                    batch_size: int, lr: float = 1e-3, width: int = 16, seed: int = 0,
                    fresh_views: bool = True, progress: bool = True,
-                   desc: str = "inverter") -> Inverter:
+                   desc: str = "inverter", **stopping) -> Inverter:
     """Train a U-Net inverter view -> face (in [0, 1]) with L1 and Adam(lr) on auxiliary faces.
 
     ``views`` maps faces in [-1, 1] to attacker-visible images (see `views_fn`).  With
     ``fresh_views`` the views of each batch are made anew every epoch (new permutations each time,
     as an attacker querying the pipeline would get); otherwise they are made once up front.
-    Returns the model in eval mode.
+    ``stopping``: holdout / eval_every / patience of `_fit` (early stopping on held-out faces).
+    Returns the model in eval mode (its loss curve in ``.training_curve``).
     """
     faces = as_faces(aux_faces)
     torch.manual_seed(seed)
@@ -195,7 +256,7 @@ def train_inverter(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray, epochs:
     return _fit(model, views, faces, to_unit(faces),
                 lambda m, v, target: F.l1_loss(m(v), target),
                 epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, fresh_views=fresh_views,
-                progress=progress, desc=desc, metric="l1")
+                progress=progress, desc=desc, metric="l1", **stopping)
 
 
 @torch.no_grad()
@@ -223,9 +284,11 @@ def train_linkage_student(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray,
                           judge_embed: Callable[[torch.Tensor], torch.Tensor], epochs: int,
                           batch_size: int, lr: float = 1e-3, backbone: str = "ir18",
                           width: int | None = 16, seed: int = 0, fresh_views: bool = True,
-                          progress: bool = True) -> nn.Module:
-    """FaceLinkGen-style student: recognizer on X_p trained to output the judge's embedding of
-    the original face (loss 1 - cos), Adam(lr), on auxiliary faces.  Returns it in eval mode."""
+                          progress: bool = True, **stopping) -> nn.Module:
+    """Linkage student trained FROM SCRATCH: a recognizer on X_p trained to output the judge's
+    embedding of the original face (loss 1 - cos), Adam(lr), on auxiliary faces.  (FaceLinkGen
+    distils a pretrained recognizer on ~90K faces; this shares only its loss.)  Returns it in
+    eval mode."""
     faces = as_faces(aux_faces)
     targets = F.normalize(judge_embed(to_unit(faces)).float(), dim=1)
     torch.manual_seed(seed)
@@ -236,7 +299,7 @@ def train_linkage_student(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray,
                                                                 dim=1)).mean(),
                 epochs=epochs, batch_size=max(2, batch_size),   # BatchNorm needs two samples
                 lr=lr, seed=seed, fresh_views=fresh_views, progress=progress,
-                desc="linkage student", metric="cos_loss", min_batch=2)
+                desc="linkage student", metric="cos_loss", min_batch=2, **stopping)
 
 
 def student_embed_fn(student: nn.Module, flip: bool = False,

@@ -13,7 +13,12 @@ All image arguments are float tensors (N, 3, H, W) in [0, 1] (data_range = 1).
   (the mean of per-image PSNRs, not the PSNR of the pooled MSE).  The per-image MSE is floored
   at 1e-10, so identical images give 100 dB instead of infinity.
 * `identity_match`: TAR at FAR 1e-2 / 1e-3 and rank-1 identification of recovered faces against
-  the originals, scored by a judge recognizer (see its docstring).
+  the originals, scored by a judge recognizer (see its docstring).  The report uses the
+  cross-image protocol of `privacy.identity` instead (different photos of a person).
+* `bootstrap_ci` / `mean_ci`: percentile 95 % intervals with IDENTITIES as the resampling unit
+  (images of one person are not independent, so resampling images would narrow the interval).
+* LPIPS is not computed: the `lpips` package needs torchvision and backbone weights fetched at
+  run time, which this project forbids; MS-SSIM and the identity metrics stand in for it.
 """
 
 from __future__ import annotations
@@ -72,6 +77,59 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def pixel_metrics(recovered: torch.Tensor, originals: torch.Tensor) -> dict[str, float]:
     return {"ssim": ssim(recovered, originals), "ms_ssim": ms_ssim(recovered, originals),
             "psnr": psnr(recovered, originals)}
+
+
+def pixel_metrics_ci(recovered: torch.Tensor, originals: torch.Tensor,
+                     groups: Sequence[int] | np.ndarray, *, n_boot: int = 1000,
+                     seed: int = 0) -> dict:
+    """`pixel_metrics` plus "ssim_ci" / "psnr_ci": 95 % intervals over identities (`groups`),
+    and "n" (images); the per-image values stay under the private "_per_image" key."""
+    s_img = ssim_per_image(recovered, originals).double().numpy()
+    p_img = psnr_per_image(recovered, originals).numpy()
+    out = pixel_metrics(recovered, originals)
+    out.update({"ssim_ci": mean_ci(s_img, groups, n_boot=n_boot, seed=seed),
+                "psnr_ci": mean_ci(p_img, groups, n_boot=n_boot, seed=seed),
+                "n": int(len(s_img)), "_per_image": {"ssim": s_img, "psnr": p_img}})
+    return out
+
+
+def bootstrap_ci(stat: Callable[[np.ndarray], float], groups: Sequence | np.ndarray, *,
+                 n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float] | None:
+    """Percentile `level` interval of ``stat(idx)`` when identities are resampled.
+
+    ``groups[i]`` is the identity of sample i (an image, or a pair grouped by its probe's
+    identity).  Each replicate draws as many identities as there are, with replacement, and
+    passes ``stat`` the indices of all their samples (an identity drawn twice appears twice).
+    Non-finite replicates are dropped; None when there is one identity or no finite replicate.
+    """
+    g = np.asarray(groups).ravel()
+    _, inv = np.unique(g, return_inverse=True)
+    k = int(inv.max()) + 1 if g.size else 0
+    if k < 2:
+        return None
+    members = [np.flatnonzero(inv == j) for j in range(k)]
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[j] for j in rng.integers(0, k, k)])
+        v = float(stat(idx))
+        if np.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return None
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(np.asarray(vals), [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, groups: Sequence | np.ndarray, *,
+            n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """95 % interval of the mean of per-sample ``values``, identities resampled."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size != np.asarray(groups).size:
+        raise ValueError(f"mean_ci: {v.size} values for {np.asarray(groups).size} groups")
+    return bootstrap_ci(lambda idx: v[idx].mean(), groups, n_boot=n_boot, seed=seed, level=level)
 
 
 def identity_match_embeddings(probe: torch.Tensor, gallery: torch.Tensor,

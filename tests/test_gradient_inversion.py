@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from minusface.backbones import build_backbone
@@ -148,7 +148,7 @@ def test_privacy_action_replies_only_numbers(lfw_root, tmp_path):
     assert metrics and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                            for v in metrics.values())
     assert metrics["aux-own-identities"] == 1 and metrics["n-eval-identities"] >= 2
-    for key in ("minusface/ssim", "minusface/psnr", "linkage/rank1", "gi/none/psnr",
+    for key in ("minusface/ssim", "minusface/psnr", "f_p linkage/n", "gi/none/psnr",
                 "gi/minusface/psnr", "gi/minusface vs X_p/psnr", "gi-probe/none/psnr"):
         assert key in metrics and math.isfinite(metrics[key]), key
     print(f"\nevaluate.privacy on one tiny site: {seconds:.1f} s, {len(metrics)} numbers")
@@ -157,6 +157,40 @@ def test_privacy_action_replies_only_numbers(lfw_root, tmp_path):
     text = summary.read_text()
     assert "| node-7 | gi/minusface |" in text and "error: boom" in text
     assert json.loads((tmp_path / "privacy" / "node-7.json").read_text())["gi/none/psnr"]
+
+
+def test_privacy_action_of_a_gpu_small_run_uses_its_privacy_preset(lfw_root, tmp_path):
+    """Bug: a site used the run's TRAINING preset name as the privacy preset, so a gpu-small
+    run with privacy-eval failed with "unknown privacy preset".  A message that names no
+    privacy preset must fall back to privacy_preset_for(the run's preset) (task.config's
+    RunConfig says which training preset; privacy.report.PRIVACY_PRESET_FOR maps it)."""
+    from clients.client_app import app
+    from federation.privacy_round import privacy_messages
+    from federation.server_app import initial_arrays
+    from minusface.generator import UNetGenerator
+    from minusface.presets import get_preset
+    from privacy.report import get_privacy_config, privacy_preset_for
+    from task.records import CONFIG, PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD, STAGE2
+
+    with pytest.raises(ValueError, match="unknown privacy preset 'gpu-small'"):
+        get_privacy_config("gpu-small")                   # what the site used to ask for
+    cfg = {"preset": "gpu-small", "data-path": str(lfw_root), "out-dir": str(tmp_path),
+           "max-identities": 12, "min-nodes": 2}
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                  state=RecordDict(), run_config=cfg)
+    torch.manual_seed(0)
+    gen = {f"generator.{k}": v for k, v in UNetGenerator(width=4).state_dict().items()}
+    rec = initial_arrays(STAGE2, get_preset("gpu-small"), 1)
+    overrides = {**TINY_OVERRIDES, "inverter-width": 4, "judge-epochs": 1, "gi-images": 0}
+    (msg,) = privacy_messages([7], gen, rec, "unused", 0, overrides)
+    conf = dict(msg.content[CONFIG])
+    del conf["privacy-preset"]                             # the site must pick it itself
+    msg.content[CONFIG] = ConfigRecord(conf)
+    reply = app(Message(msg.content, 7, PRIVACY_MESSAGE_TYPE, group_id="privacy"), ctx)
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content[PRIVACY_RECORD])
+    assert privacy_preset_for("gpu-small") == "cpu-small"
+    assert metrics["n-eval-images"] >= 2 and math.isfinite(metrics["minusface/psnr"])
 
 
 def test_run_privacy_round_sends_the_action_to_every_node_and_writes_files(tmp_path):

@@ -31,11 +31,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def lfw_faces(lfw_root):
-    """48 faces: 40 auxiliary identities (1 face each) + 8 faces of 4 other identities."""
+    """52 faces: 40 auxiliary identities (1 face each) + 12 faces of 6 other identities."""
     from clients.data import load_faces, scan_identity_folders
     found = scan_identity_folders(lfw_root / "images", min_images_per_identity=2)
-    client = {n: ps[:2] for n, ps in found[:4]}
-    aux = {n: ps[:1] for n, ps in found[4:44]}
+    client = {n: ps[:2] for n, ps in found[:6]}
+    aux = {n: ps[:1] for n, ps in found[6:46]}
     c = load_faces(client, progress=False)
     a = load_faces(aux, progress=False)
     assert not set(c.identities) & set(a.identities)
@@ -123,41 +123,62 @@ def test_inverter_recovers_unprotected_faces(lfw_faces):
 # --------------------------------------------------------------------------- report
 
 def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
+    from clients.privacy_eval import REPORT_ROWS
+    from privacy.report import FP_ROW, JUDGE_ROW, PIXEL_ROWS, STUDENT_ROW
+
     aux, client, labels, client_ids, aux_ids = lfw_faces
-    cfg = PRIVACY_PRESETS["tiny"].with_(inverter_epochs=1, aux_images=8, eval_images=6,
-                                        batch_size=4, linkage_width=8, grid_rows=3,
+    cfg = PRIVACY_PRESETS["tiny"].with_(inverter_epochs=1, aux_images=8, eval_images=12,
+                                        batch_size=4, linkage_width=8, grid_rows=3, n_boot=50,
                                         gi_images=2, gi_steps=2, gi_probe_steps=10)
     torch.manual_seed(0)
-    judge = build_backbone("ir18", 3, width=8).eval()       # untrained: only the plumbing counts
+    judge = build_backbone("ir18", 3, width=8).eval()       # untrained: a judge to refuse
+    f_p = build_backbone("ir18", 3, width=8).eval()         # untrained stand-in for f_p
     with pytest.raises(ValueError):
         evaluate_client(frontend, client, labels, aux, judge_embed_fn(judge), cfg,
                         client_identities=client_ids, aux_identities=client_ids[:1])
     result = evaluate_client(frontend, client, labels, aux, judge_embed_fn(judge), cfg,
                              progress=False, client_identities=client_ids,
-                             aux_identities=aux_ids)
+                             aux_identities=aux_ids, gi_recognizer=f_p)
     rows = result["metrics"]
-    for name in ("none", "no-shuffle", "no-subtraction", "minusface", "fixed-theta/same",
-                 "fixed-theta/fresh", "linkage", "mean-face guess"):
-        assert name in rows, name
-    print("tiny evaluate_client:", json.dumps({k: {m: round(v, 3) for m, v in r.items()
-                                                   if isinstance(v, float)}
-                                               for k, r in rows.items()}))
+    assert set(rows) == set(REPORT_ROWS)
+    # the tiny attacker cannot pass the gate: every protected pixel row is "no evidence"
+    assert not result["pixel_gate"]["passed"]
+    for name in PIXEL_ROWS[1:]:
+        assert result["verdicts"][name].startswith("no evidence"), name
+    # the untrained judge is refused; f_p needs no judge and scores different photos
+    assert not result["judge_gate"]["passed"]
+    assert "refused" in rows["minusface"]["identity"] and "refused" in rows[STUDENT_ROW]["identity"]
+    assert rows[JUDGE_ROW]["identity"]["auc"] < cfg.judge_min_auc
+    fp = rows[FP_ROW]["identity"]
+    assert fp["n"] == 6 and fp["n_gallery"] == 6 and fp["chance"]["rank1"] == pytest.approx(1 / 6)
+    assert 0.0 <= fp["rank1"] <= 1.0 and fp["rank1_ci"] is not None
+    m = rows["minusface"]
+    assert m["n"] == 12 and m["ssim_ci"][0] <= m["ssim"] <= m["ssim_ci"][1]
+    assert result["curves"]["minusface"]["steps"] >= 1
     report = write_report(result, tmp_path / "client")
     data = json.loads((tmp_path / "client" / "privacy.json").read_text())
-    assert "_images" not in data and data["metrics"]["minusface"]["ssim"] == rows["minusface"]["ssim"]
-    assert data["not_run"] == {}
+    assert "_images" not in data and data["metrics"]["minusface"]["ssim"] == m["ssim"]
+    assert "_per_image" not in data["metrics"]["minusface"]
+    assert data["curves"]["none"]["heldout_loss"]
     gi_rows = data["gradient_inversion"]["metrics"]
     assert {"gi/none", "gi/minusface", "gi/minusface vs X_p", "gi/minusface + inverter",
             "gi-probe/none", "reference: grey guess"} <= set(gi_rows)
     assert "optimistic" in data["gradient_inversion"]["attacker"]
     text = report.read_text()
     assert "| minusface |" in text and "Adam lr 0.001" in text
+    assert "hides appearance, not identity" in text and "target met" not in text
+    assert "identity metrics refused" in text and "(0.167)" in text
     assert "## Update leakage (gradient inversion)" in text and "| gi/minusface vs X_p |" in text
-    assert "grid_gi.png" in text and (tmp_path / "client" / "grid_gi.png").is_file()
-    assert list((tmp_path / "client").glob("*.png"))
+    for png in ("grid.png", "grid_gi.png", "curves.png"):
+        assert (tmp_path / "client" / png).is_file(), png
     summary = write_summary({"client-0": result, "client-1": result}, tmp_path)
-    assert summary.read_text().count("| client-1 |") == len(rows) + len(gi_rows)
+    assert summary.read_text().count("## client-") == 2
     assert "gradient-inversion" in attacker_description(cfg.with_(gi_images=0), 8, None)["not_run"]
+    from clients.privacy_eval import flatten_metrics, privacy_metric_names
+    flat = flatten_metrics(result)
+    assert set(flat) <= privacy_metric_names() and flat["pixel-gate-passed"] == 0
+    assert f"{FP_ROW}/rank1" in flat and f"{FP_ROW}/rank1_lo" in flat
+    assert "minusface/rank1" not in flat                       # refused never leaves as a number
 
 
 def test_cli_parser_registers_privacy_eval():
