@@ -48,6 +48,17 @@ def _frontend(args: argparse.Namespace) -> tuple[MinusFaceFrontend | None, str |
     from minusface.frontend import MinusFaceFrontend
     from minusface.weights import WeightsError, generator_metadata, load_generator
 
+    if args.weights and Path(args.weights).is_dir():          # a bundle or its site/ half
+        from task.bundle import BundleError, read_site, smoke_warning
+        try:
+            site = read_site(args.weights)
+        except BundleError as e:
+            return None, str(e)
+        print(f"generator: {site.path} (w = {site.generator.width})")
+        warning = smoke_warning(site.info, "site bundle")
+        if warning:
+            print(f"{BANNER}\nWARNING: {warning}\n{BANNER}", file=sys.stderr)
+        return MinusFaceFrontend(generator=site.generator).eval(), None
     if args.weights:
         try:
             generator = load_generator(args.weights)
@@ -124,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("in_dir", metavar="IN_DIR", help="folder of face images (read only)")
     p.add_argument("out_dir", metavar="OUT_DIR",
                    help="folder for the X_p PNGs (created; must not overlap IN_DIR)")
-    p.add_argument("--weights", metavar="CKPT", help="trained generator (.pt written by minusfed)")
+    p.add_argument("--weights", metavar="CKPT|BUNDLE",
+                   help="trained generator: a bundle's site/ folder or a .pt written by minusfed")
     p.add_argument("--width", type=_positive_int, default=64,
                    help="generator width w >= 1 without --weights (default 64)")
     p.add_argument("--seed", type=int, default=0, help="init seed without --weights")
@@ -139,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live with their packages; their heavy imports happen when they run.
     from federation.deploy.cli import add_parser as add_deploy
+    from minusfed.data_cli import add_parser as add_data
     from minusfed.privacy_cli import add_parser as add_privacy
     add_privacy(sub)
+    add_data(sub)
     add_deploy(sub)
+    from federation.service.serve import add_parsers as add_service
+    from minusfed.recognition_cli import add_parsers as add_recognition
+    add_service(sub)            # serve, tokens
+    add_recognition(sub)        # bundle, enroll, verify, identify
     return parser
 
 

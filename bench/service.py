@@ -1,0 +1,202 @@
+"""Recognition service: f_p alone vs through the service, verify latency, identify search.
+
+    python -m bench.service [--backbone ir18 --backbone-width 16] [--batches 1,8,32]
+                            [--clients 4] [--requests 40] [--galleries 10000,100000,1000000]
+
+Side by side in one run, on one machine:
+
+* embed: X_p images/s of f_p alone (in this process, `torch.inference_mode`) and through
+  `POST /v1/embed` of a real `minusfed serve` subprocess on loopback (TLS + token on), same
+  batch sizes, same torch thread count; the service time is the client's wall time per request
+  (float16 .npy encode, TLS, parse and checks, f_p, JSON reply).
+* verify: p50/p99 latency of `POST /v1/subjects/ID/verify` (one face, two float16 views) with
+  --clients concurrent client threads, each sending --requests requests (bounded load).
+* identify: exact search (`federation.service.gallery.top_subjects`) over galleries of random
+  unit embeddings, one template per subject, against the time to read the gallery matrix once
+  from memory (a torch sum over it); and `POST /v1/identify` through the service at the
+  largest gallery that fits its SQLite file in --max-served-gallery rows.
+
+Weights are freshly initialised (speed does not depend on training); the load generator runs on
+the same cores as the server, so concurrent numbers are those of a shared machine.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import arg_parser, markdown_table, provenance, timings
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.1f}"
+
+
+def make_bundle(out: Path, backbone: str, width: int) -> Path:
+    from minusface.backbones import build_backbone
+    from minusface.generator import UNetGenerator
+    from task.bundle import write_bundle
+
+    torch.manual_seed(0)
+    card = {"preset": "bench", "rounds": {}, "run-config": {}}
+    info = {"backbone": backbone, "backbone-width": width,
+            "thresholds": {"1e-2": {"threshold": 0.3}, "1e-3": {"threshold": 0.4}}}
+    return write_bundle(out, UNetGenerator(width=4), build_backbone(backbone, 3, width=width)
+                        .state_dict(), info, card)
+
+
+def fill_gallery(path: Path, n: int, dim: int) -> None:
+    from federation.service.gallery import Gallery
+
+    g = Gallery(path, dim)
+    done = 0
+    while done < n:
+        step = min(100_000, n - done)
+        g.enroll_many([f"s{i}" for i in range(done, done + step)], torch.randn(step, dim))
+        done += step
+    g.close()
+
+
+def bench_identify(sizes: list[int], dim: int, iters: int) -> list[list[object]]:
+    from federation.service.gallery import top_subjects
+
+    rows = []
+    for n in sizes:
+        matrix = torch.nn.functional.normalize(torch.randn(n, dim), dim=1)
+        owner = torch.arange(n)
+        q = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+        search = statistics.median(timings(lambda m=matrix, o=owner, n=n, q=q:
+                                           top_subjects(m, o, n, q, 5), iters, 2))
+        read = statistics.median(timings(lambda m=matrix: m.sum(), iters, 2))
+        rows.append([f"{n:,}", f"{matrix.numel() * 4 / 2**20:,.0f}", _ms(search), _ms(read),
+                     f"{search / read:.2f}"])
+        del matrix, owner
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = arg_parser("bench.service", __doc__)
+    ap.add_argument("--backbone", default="ir18")
+    ap.add_argument("--backbone-width", type=int, default=16, help="16 = cpu-small's f_p")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=40, help="verify requests per client")
+    ap.add_argument("--galleries", default="10000,100000,1000000")
+    ap.add_argument("--max-served-gallery", type=int, default=100_000)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    sizes = [int(s) for s in args.galleries.split(",") if s]
+    torch.set_num_threads(args.threads)
+
+    from federation.service.process import Service
+    from task.bundle import read_server
+
+    with tempfile.TemporaryDirectory(prefix="minusfed-bench-service-") as tmp:
+        tmp = Path(tmp)
+        bundle = make_bundle(tmp / "bundle", args.backbone, args.backbone_width)
+        model = read_server(bundle / "server").recognizer
+        dim = 512
+        served_n = max([n for n in sizes if n <= args.max_served_gallery], default=0)
+        print(f"filling a {served_n:,}-template gallery ...", file=sys.stderr, flush=True)
+        fill_gallery(tmp / "gallery.db", served_n, dim)
+        svc = Service(tmp, bundle / "server", tmp / "gallery.db",
+                      extra=["--threads", str(args.threads), "--max-body-bytes",
+                             str(64 * 2**20)]).wait()
+        try:
+            embed_rows = []
+            rng = np.random.default_rng(0)
+            with svc.http() as h:
+                for b in batches:
+                    x = rng.random((b, 3, 112, 112), dtype=np.float32)
+                    xt = torch.from_numpy(x)
+                    body = _npy(x.astype(np.float16))
+
+                    def alone(xt=xt) -> None:
+                        with torch.inference_mode():
+                            model(xt)
+
+                    def served(body=body) -> None:
+                        r = h.post("/v1/embed", content=body,
+                                   headers={"Content-Type": "application/x-npy"})
+                        assert r.status_code == 200, r.text
+
+                    # alternate, so drifting load on the shared machine hits both alike
+                    t_alone, t_served = [], []
+                    for _ in range(args.iters):
+                        t_alone += timings(alone, 1, 1)
+                        t_served += timings(served, 1, 1)
+                    a, s = statistics.median(t_alone), statistics.median(t_served)
+                    embed_rows.append([b, f"{b / a:.1f}", f"{b / s:.1f}", _ms(a), _ms(s),
+                                       f"{100 * (s - a) / a:+.0f} %"])
+            # verify under bounded concurrent load
+            face = _npy(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
+            latencies: list[float] = []
+            lock = threading.Lock()
+
+            def client() -> None:
+                with svc.http() as h:
+                    for i in range(args.requests):
+                        t = time.perf_counter()
+                        r = h.post(f"/v1/subjects/s{i}/verify", content=face,
+                                   headers={"Content-Type": "application/x-npy"})
+                        dt = time.perf_counter() - t
+                        assert r.status_code == 200, r.text
+                        with lock:
+                            latencies.append(dt)
+
+            with svc.http() as h:           # warm-up
+                h.post("/v1/subjects/s0/verify", content=face,
+                       headers={"Content-Type": "application/x-npy"})
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=client) for _ in range(args.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            p50, p99 = np.percentile(latencies, [50, 99])
+            # identify through the service
+            with svc.http() as h:
+                one = _npy(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
+                t_id = statistics.median(timings(lambda: h.post(
+                    "/v1/identify", content=one, params={"k": 5},
+                    headers={"Content-Type": "application/x-npy"}), args.iters, 1))
+        finally:
+            svc.stop()
+    print("identify search ...", file=sys.stderr, flush=True)
+    id_rows = bench_identify(sizes, dim, args.iters)
+
+    print(f"\n{provenance()}")
+    print(f"f_p = {args.backbone} width {args.backbone_width} (fresh weights), torch "
+          f"{args.threads} thread(s) in both the bench and the service; service = `minusfed "
+          "serve` subprocess, HTTPS + token on loopback, float16 .npy bodies\n")
+    print(markdown_table(["batch (X_p)", "f_p alone img/s", "service img/s", "f_p ms",
+                          "service ms", "service overhead"], embed_rows))
+    print(f"\nverify (one face, 2 float16 views), {args.clients} concurrent clients x "
+          f"{args.requests} requests, gallery {served_n:,} templates: p50 {_ms(p50)} ms, "
+          f"p99 {_ms(p99)} ms, {len(latencies) / wall:.1f} requests/s")
+    print(f"identify through the service (gallery {served_n:,}, k = 5, 2 views): median "
+          f"{_ms(t_id)} ms per request\n")
+    print(markdown_table(["gallery", "matrix MiB", "search ms", "read once ms",
+                          "search / read"], id_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`minusfed bundle inspect|from-run` and the site's `minusfed enroll|verify|identify`.
+
+The site commands protect every face locally (fresh CSPRNG permutations) and send only X_p to
+a recognition service started with `minusfed serve` (federation/service/).  Subject ids for
+`enroll` and `verify` come from --subject, else from each face's folder name (LFW layout:
+PERSON/PERSON_0001.jpg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BANNER = "!" * 78
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from task.bundle import BundleError, card_markdown, read_card
+
+    try:
+        card = read_card(args.bundle)
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(card, indent=2, sort_keys=True) if args.json else card_markdown(card))
+    return 0
+
+
+def _cmd_from_run(args: argparse.Namespace) -> int:
+    from federation.service.run_bundle import write_run_bundle
+    from task.bundle import BundleError, read_card, smoke_warning
+
+    try:
+        out = write_run_bundle(args.run_dir, out=args.out)
+    except (BundleError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    card = read_card(out)
+    print(f"bundle written: {out} (halves: {', '.join(card['halves'])})")
+    warning = smoke_warning({"smoke": card.get("smoke"), "preset": card.get("preset"),
+                             "rounds": card.get("rounds", {}).get("stage1-aggregated")}, "bundle")
+    if warning:
+        print(f"{BANNER}\nWARNING: {warning}\n{BANNER}", file=sys.stderr)
+    return 0
+
+
+def _subject(args: argparse.Namespace, face: Path) -> str:
+    return args.subject or face.parent.name
+
+
+def _cmd_site(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from clients.data import ImageError
+    from clients.recognition_client import (
+        NotProtectedError,
+        RecognitionClient,
+        ServiceError,
+        face_files,
+        read_token,
+    )
+    from task.bundle import BundleError, read_site, smoke_warning
+
+    try:
+        faces = face_files(args.faces)
+        site = read_site(args.bundle)
+    except (FileNotFoundError, BundleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    warning = smoke_warning(site.info, "site bundle")
+    if warning:
+        print(f"{BANNER}\nWARNING: {warning}\n{BANNER}", file=sys.stderr)
+    token = read_token(args.token_file)
+    failures = 0
+    with RecognitionClient(args.server, site, token, ca_cert=args.ca_cert, wire=args.wire,
+                           views=1 if args.wire == "png" else 2) as client:
+        for face in tqdm(faces, desc=args.command, unit="face",
+                         disable=args.quiet or len(faces) < 2, file=sys.stderr):
+            try:
+                if args.command == "enroll":
+                    n = client.enroll(_subject(args, face), face)
+                    line = f"{face}: enrolled as {_subject(args, face)} ({n} template(s))"
+                elif args.command == "verify":
+                    v = client.verify(_subject(args, face), face)
+                    line = (f"{face}: {v.subject} score {v.score:.4f} "
+                            f"{'MATCH' if v.match else 'no match'}")
+                else:
+                    found = client.identify(face, k=args.k)
+                    line = f"{face}: " + (", ".join(
+                        f"{c.subject} {c.score:.4f}{' MATCH' if c.match else ''}" for c in found)
+                        or "gallery is empty")
+            except (ImageError, ServiceError, NotProtectedError) as e:
+                failures += 1
+                line = f"{face}: error: {e}"
+            except Exception as e:             # noqa: BLE001 - network errors: name and stop
+                print(f"error: {args.server}: {type(e).__name__}: {e}", file=sys.stderr)
+                return 2
+            tqdm.write(line, file=sys.stdout)
+    return 1 if failures else 0
+
+
+def add_parsers(sub) -> None:
+    b = sub.add_parser("bundle", help="model bundles: inspect one, or make one from a run")
+    bsub = b.add_subparsers(dest="bundle_command", required=True)
+    p = bsub.add_parser("inspect", help="print a bundle's model card")
+    p.add_argument("bundle", metavar="DIR", help="a bundle (a run's final/) or one of its halves")
+    p.add_argument("--json", action="store_true", help="card.json instead of CARD.md")
+    p.set_defaults(func=_cmd_inspect)
+    p = bsub.add_parser("from-run", help="bundle a run made before bundles existed")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's out-dir (holds final/models.pt)")
+    p.add_argument("--out", metavar="DIR", help="where to write it (default RUN_DIR/final)")
+    p.set_defaults(func=_cmd_from_run)
+
+    for name, what in (("enroll", "enroll faces (protected here, only X_p sent)"),
+                       ("verify", "verify faces against their subject (only X_p sent)"),
+                       ("identify", "find the closest enrolled subjects (only X_p sent)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("faces", nargs="+", metavar="FACES", help="face images or folders")
+        p.add_argument("--server", required=True, metavar="URL", help="https://host:port")
+        p.add_argument("--bundle", required=True, metavar="BUNDLE/site",
+                       help="a bundle's site/ folder (g)")
+        p.add_argument("--token-file", metavar="FILE",
+                       help="the site's API token (default $MINUSFED_SERVICE_TOKEN)")
+        p.add_argument("--ca-cert", metavar="PEM", help="CA that signed the service's cert")
+        p.add_argument("--wire", choices=("float16", "float32", "png"), default="float16",
+                       help="X_p encoding (default float16 .npy, face and mirror)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name != "identify":
+            p.add_argument("--subject", help="subject id (default: each face's folder name)")
+        else:
+            p.add_argument("-k", type=int, default=5, help="candidates per face (default 5)")
+        p.set_defaults(func=_cmd_site)
