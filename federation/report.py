@@ -1,5 +1,8 @@
 """The run report: one Markdown file with the server-side benchmark per round and per-site
-lines, written next to metrics.jsonl at the end of a run (and by `minusfed report RUN_DIR`).
+lines, written next to metrics.jsonl at the end of a run (and by `minusfed report RUN_DIR`),
+with pictures next to it (federation/curves.py): accuracy/AUC and site loss per round, and the
+ROC curve of the last server-side evaluation, whose scores the ServerApp keeps in
+server_scores.json (JSON: a run directory never needs a pickle load to be read).
 
 The report is derived from metrics.jsonl and must never be what stops a run: a line that is not
 a round or client record is skipped with a warning naming it, a missing metric shows as "-",
@@ -7,11 +10,14 @@ and a round trained again after a resume (from checkpoint.prev.pt) shows its las
 
 from __future__ import annotations
 
+import json
 from logging import WARNING
 from pathlib import Path
 
+import numpy as np
 from flwr.common.logger import log
 
+from federation import curves
 from minusface.atomic import write_atomic
 from minusface.presets import Preset
 from strategy.checkpoint import numbered_jsonl
@@ -87,14 +93,94 @@ def client_table(clients: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SCORES = "server_scores.json"
+PICTURES = {"accuracy": "report-accuracy.png", "loss": "report-site-loss.png",
+            "roc": "report-roc.png"}
+
+
+def save_server_scores(out_dir: Path, round_index: int, stage: str, scores: np.ndarray,
+                       same: np.ndarray) -> Path:
+    """Keep the last server-side evaluation's cosine score per pair for the ROC curve."""
+    record = {"round": int(round_index), "stage": stage,
+              "scores": [float(s) for s in np.asarray(scores).ravel()],
+              "same": [bool(s) for s in np.asarray(same).ravel()]}
+    path = out_dir / SCORES
+    write_atomic(path, lambda f: f.write(json.dumps(record).encode("utf-8")))
+    return path
+
+
+def load_server_scores(out_dir: Path) -> dict | None:
+    """server_scores.json as {"round", "stage", "scores", "same"} (arrays), or None when the run
+    kept none or the file is not what save_server_scores writes (named in a warning)."""
+    path = out_dir / SCORES
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        scores = np.asarray(rec["scores"], dtype=np.float64)
+        same = np.asarray(rec["same"], dtype=bool)
+        if scores.shape != same.shape or scores.ndim != 1 or not np.isfinite(scores).all():
+            raise ValueError("scores and same must be equal-length lists of finite numbers")
+        return {"round": int(rec["round"]), "stage": str(rec["stage"]), "scores": scores,
+                "same": same}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log(WARNING, "%s: expected {round, stage, scores, same} as written by the ServerApp "
+            "(%s); the report has no ROC curve", path, exc)
+        return None
+
+
+def draw_pictures(out_dir: Path, rounds: list[dict], clients: list[dict]) -> dict[str, Path]:
+    """The report's PNGs, by kind; a picture that fails is named in a warning, never fatal."""
+    made: dict[str, Path] = {}
+    scores = load_server_scores(out_dir)
+    jobs = {"accuracy": lambda p: curves.accuracy_curve(rounds, p),
+            "loss": lambda p: curves.loss_curve(rounds, clients, p),
+            "roc": lambda p: scores and curves.roc_curve(
+                scores["scores"], scores["same"], p,
+                f"ROC, server-side benchmark after round {scores['round']} ({scores['stage']})")}
+    for kind, draw in jobs.items():
+        try:
+            path = draw(out_dir / PICTURES[kind])
+        except Exception as exc:       # a picture must never stop the report
+            log(WARNING, "report: could not draw %s (%s: %s)", PICTURES[kind],
+                type(exc).__name__, exc)
+            continue
+        if path:
+            made[kind] = Path(path)
+    return made
+
+
+def operating_points(out_dir: Path) -> str:
+    """TAR at FAR 1e-2 / 1e-3 of the last server-side evaluation, as a Markdown list."""
+    scores = load_server_scores(out_dir)
+    if scores is None or scores["same"].all() or not scores["same"].any():
+        return ""
+    lines = []
+    for far in curves.FARS:
+        op = curves.tar_at_far(scores["scores"], scores["same"], far)
+        note = f" ({op['note']})" if op["note"] else ""
+        lines.append(f"- FAR {far:g}: TAR {op['tar']:.3f} at threshold {op['threshold']:.4f} "
+                     f"(achieved FAR {op['far']:.4f}){note}")
+    return "\n".join(lines)
+
+
 def write_report(out_dir: Path, preset: Preset | None = None) -> Path:
     rounds, clients = read_run_log(out_dir)
+    pictures = draw_pictures(out_dir, rounds, clients)
     text = ["# minusfed run report", "",
             f"Run directory: `{out_dir}`" + (f"; preset `{preset.name}`" if preset else ""), "",
             "Server-side benchmark: LFW View 2 pairs of the evaluation fold (identities no site "
             "holds), protected with the global g exactly as a site would (stage 2). LFW, "
-            "centre-cropped, not aligned, trained on LFW only.", "",
-            "## Rounds", "", round_table(rounds), "", "## Sites", "", client_table(clients), ""]
+            "centre-cropped, not aligned, trained on LFW only.", ""]
+    if "accuracy" in pictures:
+        text += [f"![server accuracy and AUC per round]({pictures['accuracy'].name})", ""]
+    if "loss" in pictures:
+        text += [f"![site training loss per round]({pictures['loss'].name})", ""]
+    text += ["## Rounds", "", round_table(rounds), ""]
+    if "roc" in pictures:
+        text += ["## ROC of the last server-side evaluation", "",
+                 f"![ROC curve]({pictures['roc'].name})", "", operating_points(out_dir), ""]
+    text += ["## Sites", "", client_table(clients), ""]
     path = out_dir / "report.md"      # a crash leaves the old report, never half of one
     write_atomic(path, lambda f: f.write("\n".join(text).encode("utf-8")))
     return path

@@ -29,10 +29,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from federation.privacy_round import run_privacy_round
-from federation.report import write_report
+from federation.progress import RoundClock, quiet_strategy
+from federation.report import save_server_scores, write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
+from federation.service.run_bundle import write_run_bundle
 from minusface.atomic import write_atomic
+from minusface.precision import configure as configure_precision
 from minusface.presets import Preset
 from minusface.runtime import tune_allocator
 from minusface.weights import save_generator
@@ -40,6 +43,7 @@ from privacy.report import privacy_preset_for
 from strategy import CheckpointStore, make_strategy
 from strategy.checkpoint import METRICS, CheckpointError, array_mismatches
 from strategy.dp import DpRun, dp_settings
+from task.bundle import BundleError
 from task.config import RunConfig, resolve_data_path, run_config
 from task.models import GENERATOR, generator_from_arrays, initial_arrays, lr_for_round
 from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
@@ -186,6 +190,7 @@ def run_server(grid: Grid, context: Context) -> None:
     harden_runtime_link(grid)      # deployed runs: survive a dropped TLS keep-alive connection
     tune_allocator()
     cfg = run_config(context.run_config)
+    configure_precision(cfg.cpu_precision)  # server-side eval on a CPU; $MINUSFED_CPU_PRECISION wins
     preset = cfg.preset()                  # the named preset with the run's overrides
     out_dir = resolve_out_dir(cfg.out_dir, context.run_id)
     store = CheckpointStore(out_dir)
@@ -244,6 +249,9 @@ def run_server(grid: Grid, context: Context) -> None:
     if dp and done:
         dp.resume()
 
+    clock = RoundClock(plan, done)       # one progress line per round replaces Flower's blocks
+    log(INFO, "minusfed: %d round(s) to run (stage 1: %d, stage 2: %d) with %d site(s)",
+        len(plan) - done, rounds[STAGE1], rounds[STAGE2], nodes)
     for index, (stage, stage_round) in enumerate(plan, start=1):
         if index <= done:
             continue
@@ -259,11 +267,12 @@ def run_server(grid: Grid, context: Context) -> None:
         # Flower overwrites "server-round" with 1 per start(): the run's own round goes separately
         common = {"stage": stage, "minusfed-round": index}
         t0 = time.perf_counter()
-        result = runner.start(
-            grid=grid, initial_arrays=ArrayRecord(to_wire(state[stage], wire)), num_rounds=1,
-            timeout=cfg.round_timeout,               # per phase; late or dead nodes are dropped
-            train_config=ConfigRecord({**common, "lr": lr, "local-epochs": cfg.local_epochs}),
-            evaluate_config=ConfigRecord(common))
+        with quiet_strategy():                       # Flower's per-round INFO blocks; warnings pass
+            result = runner.start(
+                grid=grid, initial_arrays=ArrayRecord(to_wire(state[stage], wire)), num_rounds=1,
+                timeout=cfg.round_timeout,           # per phase; late or dead nodes are dropped
+                train_config=ConfigRecord({**common, "lr": lr, "local-epochs": cfg.local_epochs}),
+                evaluate_config=ConfigRecord(common))
         seconds = time.perf_counter() - t0
         if dp:
             dp.record_round(index, stage)                # dp_ledger.json, before anything else
@@ -273,6 +282,8 @@ def run_server(grid: Grid, context: Context) -> None:
         aggregated[stage] += len(result.arrays) > 0
         metrics = {"stage_round": stage_round, "lr": lr, "round_seconds": seconds,
                    **evaluator(stage, preset, state[stage], frozen)}
+        if evaluator.last_scores is not None:        # the report's ROC curve
+            save_server_scores(out_dir, index, stage, evaluator.last_scores, evaluator.same)
         for source, by_round in (("train", result.train_metrics_clientapp),
                                  ("evaluate", result.evaluate_metrics_clientapp)):
             for values in by_round.values():
@@ -284,8 +295,8 @@ def run_server(grid: Grid, context: Context) -> None:
         done = index
         for entry in result.report.replies:          # every reply, accepted or not, with why
             store.append_metrics({"round": index, "stage": stage, "client": entry})
-        log(INFO, "minusfed: round %d/%d (%s %d) server accuracy %.4f",
-            index, len(plan), stage, stage_round, metrics["server_accuracy"])
+        clock.record(stage, time.perf_counter() - t0)     # training, server eval, checkpoint
+        log(INFO, "%s", clock.line(index, stage, stage_round, metrics))
 
     if dp:
         dp.finish()
@@ -307,6 +318,10 @@ def run_server(grid: Grid, context: Context) -> None:
         summary = run_privacy_round(grid, out_dir, gen, state[STAGE2],
                                     privacy_preset_for(preset.name), cfg.seed)
         log(INFO, "minusfed: privacy evaluation %s", summary)
+    try:                      # final/site, final/server, card (task/bundle.py), after privacy
+        log(INFO, "minusfed: model bundle %s", write_run_bundle(out_dir, overwrite=True))
+    except BundleError as e:
+        log(WARNING, "minusfed: no model bundle written: %s", e)
 
 
 app.main()(run_server)

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from clients.data import FaceDataset, pair_index, read_pairs
+from minusface.eval import embed, pair_scores, verification_metrics
+from minusface.precision import embed_context
 from minusface.presets import Preset
-from minusface.trainer import build_models, evaluate_verification
+from minusface.trainer import build_models
 from task.models import generator_from_arrays
 from task.records import STAGE1
 from task.wire import load_shared
@@ -36,6 +38,9 @@ class ServerEvaluator:
         ds = FaceDataset([(p, 0) for p in paths], skip_errors=False, progress=False)
         self.faces = torch.cat(list(ds.batches(256)))
         self.num_pairs = len(pairs)
+        # the last call's cosine score per pair (None when it had no finite embeddings): the
+        # run report draws its ROC curve from them
+        self.last_scores: np.ndarray | None = None
 
     def __call__(self, stage: str, preset: Preset, shared: dict[str, torch.Tensor],
                  frozen_generator: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
@@ -43,9 +48,16 @@ class ServerEvaluator:
         recipe = "stage1" if stage == STAGE1 else "stage2"
         models = build_models(recipe, preset, num_classes=2, generator=generator)
         load_shared({"recognizer": models.recognizer}, shared)
+        self.last_scores = None
         try:
-            m = evaluate_verification(models, self.faces, self.idx_a, self.idx_b, self.same,
-                                      folds=self.folds, device=torch.device("cpu"))
+            # evaluate_verification's steps, keeping the scores
+            context, model_fn = embed_context(models.recognizer, 64)   # CPU precision policy
+            with context:
+                emb = embed(model_fn, self.faces, transform=models.transform(),
+                            batch_size=64, flip=True, device=torch.device("cpu"))
+            scores = pair_scores(emb[self.idx_a], emb[self.idx_b])
+            m = verification_metrics(scores, self.same.astype(bool), n_folds=10, folds=self.folds)
+            self.last_scores = scores
         except ValueError as exc:    # non-finite embeddings, e.g. a model swamped by DP noise
             if "NaN or infinite" not in str(exc):
                 raise

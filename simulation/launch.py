@@ -25,12 +25,17 @@ import tempfile
 import time
 import tomllib
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "minusfed-sim"
+# Ray's driver warns at start-up, as a FutureWarning whose text says "turn off this error
+# message", that a future Ray will stop hiding GPUs from actors asked for none.  Nothing is
+# wrong, and opting in (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0) would let CPU-only sites see the
+# GPU, so the warning itself is filtered in the processes the SuperLink starts.
+RAY_WARNING_FILTER = "ignore::FutureWarning:ray._private.worker"
 
 
 @dataclass
@@ -76,6 +81,8 @@ def flwr_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[st
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "PYTHONUNBUFFERED": "1",
+                "PYTHONWARNINGS": ",".join(w for w in (env.get("PYTHONWARNINGS"),
+                                                       RAY_WARNING_FILTER) if w),
                 # the SuperLink spawns flower-superexec by name: the venv's bin must be on PATH
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
     env.update(extra or {})
@@ -141,12 +148,34 @@ def run_status(run_id: int, connection: str, env: Mapping[str, str],
                     f"{listing.stdout}\n{listing.stderr}") from None
 
 
+def follow_log(cmd: list[str], env: Mapping[str, str], on_line: Callable[[str], None],
+               timeout: float) -> str:
+    """Run `flwr log --stream`, handing each line to `on_line` as it comes; the whole log."""
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            on_line(line.rstrip("\n"))
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        stop(proc)
+    return "".join(lines)
+
+
 def run_simulation(run_config: Mapping[str, object], num_supernodes: int = 2, *,
                    app_dir: Path = ROOT, num_cpus: int = 1, num_gpus: float = 0.0,
                    federation_extra: Mapping[str, object] | None = None,
                    flwr_home: Path | None = None, timeout: float = 1800.0,
-                   env: Mapping[str, str] | None = None, echo: bool = False) -> SimulationResult:
-    """Run the app once on a private simulation SuperLink; always stops what it started."""
+                   env: Mapping[str, str] | None = None, echo: bool = False,
+                   on_line: Callable[[str], None] | None = None) -> SimulationResult:
+    """Run the app once on a private simulation SuperLink; always stops what it started.
+    `on_line` sees each line of the run's log as it arrives (make demo's progress)."""
     keep_home = flwr_home is not None
     home = Path(flwr_home or tempfile.mkdtemp(prefix="minusfed-flwr-"))
     home.mkdir(parents=True, exist_ok=True)
@@ -170,14 +199,17 @@ def run_simulation(run_config: Mapping[str, object], num_supernodes: int = 2, *,
         fed = {"num-supernodes": num_supernodes, "client-resources-num-cpus": num_cpus,
                "client-resources-num-gpus": num_gpus, **(federation_extra or {})}
         run_id = submit_run(app_dir, CONNECTION, environment, run_config, fed)
-        logs = subprocess.run([flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
-                              env=environment, capture_output=not echo, text=True,
-                              timeout=timeout)
+        log_cmd = [flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+        if on_line is None:
+            logs = subprocess.run(log_cmd, env=environment, capture_output=not echo, text=True,
+                                  timeout=timeout)
+            text = (logs.stdout or "") + (logs.stderr or "")
+        else:
+            text = follow_log(log_cmd, environment, on_line, timeout)
         run = run_status(run_id, CONNECTION, environment)
         return SimulationResult(run_id=run_id, status=str(run.get("status")),
                                 details=str(run.get("status-details", "")),
-                                seconds=time.perf_counter() - t0,
-                                log=(logs.stdout or "") + (logs.stderr or ""),
+                                seconds=time.perf_counter() - t0, log=text,
                                 flwr_home=home if keep_home else None)
     finally:
         stop(superlink)
