@@ -108,9 +108,9 @@ def table(rows: list[dict]) -> str:
 
 def _gather_shuffle(r: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The previous shuffle: one gather with the permutation broadcast over every pixel."""
-    from minusface.shuffle import _csprng_permutations, _seeded_permutations
+    from minusface.shuffle import _seeded_permutations, csprng_permutations
     n, c = r.shape[:2]
-    perm = _csprng_permutations(n, c) if generator is None else _seeded_permutations(n, c, generator)
+    perm = csprng_permutations(n, c) if generator is None else _seeded_permutations(n, c, generator)
     index = perm.to(r.device).view(n, c, *([1] * (r.dim() - 2))).expand_as(r)
     return torch.gather(r, 1, index)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 
-def _csprng_permutations(n: int, channels: int) -> torch.Tensor:
+def csprng_permutations(n: int, channels: int) -> torch.Tensor:
     keys = np.frombuffer(os.urandom(8 * n * channels), dtype=np.uint64).reshape(n, channels)
     return torch.from_numpy(np.argsort(keys, axis=1, kind="stable"))
 
@@ -30,7 +30,7 @@ def shuffle_channels(r: torch.Tensor, generator: torch.Generator | None = None) 
     `generator` is for reproducible tests and benchmarks only; leave it None in deployment.
     """
     n, c = r.shape[:2]
-    perm = _csprng_permutations(n, c) if generator is None else _seeded_permutations(n, c, generator)
+    perm = csprng_permutations(n, c) if generator is None else _seeded_permutations(n, c, generator)
     perm = perm.to(r.device, non_blocking=True)
     if r.device.type == "cpu" and r.is_contiguous():
         # whole channel planes are contiguous: copy them as rows (index_select), 2.5-3.8x

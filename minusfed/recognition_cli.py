@@ -101,6 +101,48 @@ def _cmd_site(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from clients.data import FaceDataset
+    from clients.recognition_client import face_files
+    from task.bundle import BundleError, read_server, read_site
+    from task.export import ExportError, export_bundle
+
+    bundle = Path(args.bundle)
+    try:
+        site = read_site(bundle) if (bundle / "site.json").exists() or (bundle / "site").is_dir() \
+            else None
+        server = read_server(bundle) if (bundle / "server.json").exists() \
+            or (bundle / "server").is_dir() else None
+        if site is None and server is None:
+            raise BundleError(f"{bundle}: neither a bundle nor one of its halves (expected "
+                              "site/site.json or server/server.json)")
+        if args.faces:
+            files = face_files([args.faces])[:args.check_faces]
+            faces = torch.cat(list(FaceDataset([(f, 0) for f in files], skip_errors=False,
+                                               progress=False).batches(64)))
+            source = f"{len(files)} face(s) from {args.faces}"
+        else:
+            faces = torch.rand(args.check_faces, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+            faces = faces * 2 - 1
+            source = f"{args.check_faces} uniform-noise image(s) (no --faces given)"
+        manifest = export_bundle(args.out, site, server, faces, source, overwrite=args.overwrite,
+                                 progress=lambda line: print(line, file=sys.stderr))
+    except (BundleError, ExportError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"error: {e}; install the export extra: pip install 'minusfed[export]'", file=sys.stderr)
+        return 2
+    for name, meta in manifest["files"].items():
+        print(f"{Path(args.out) / name}  {meta['bytes']:,} bytes  sha256 {meta['sha256'][:16]}...")
+    check = {k: v for k, v in manifest["check"].items() if isinstance(v, float)}
+    print("checked against PyTorch on " + manifest["check"]["faces_source"] + ": "
+          + ", ".join(f"{k} {v:.7f}" if "cosine" in k else f"{k} {v:.3g}" for k, v in check.items()))
+    return 0
+
+
 def add_parsers(sub) -> None:
     b = sub.add_parser("bundle", help="model bundles: inspect one, or make one from a run")
     bsub = b.add_subparsers(dest="bundle_command", required=True)
@@ -112,6 +154,16 @@ def add_parsers(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's out-dir (holds final/models.pt)")
     p.add_argument("--out", metavar="DIR", help="where to write it (default RUN_DIR/final)")
     p.set_defaults(func=_cmd_from_run)
+
+    p = sub.add_parser("export", help="ONNX graphs of a bundle (g's residue, decode, f_p), "
+                                      "checked with onnxruntime")
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle (a run's final/) or one of its halves")
+    p.add_argument("out", metavar="OUT", help="folder for site/*.onnx, server/*.onnx, export.json")
+    p.add_argument("--faces", metavar="DIR", help="real faces to check the graphs on (recommended)")
+    p.add_argument("--check-faces", type=int, default=8, metavar="N",
+                   help="how many faces the check uses (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    p.set_defaults(func=_cmd_export)
 
     for name, what in (("enroll", "enroll faces (protected here, only X_p sent)"),
                        ("verify", "verify faces against their subject (only X_p sent)"),

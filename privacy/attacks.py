@@ -59,8 +59,8 @@ def to_unit(faces: torch.Tensor) -> torch.Tensor:
 def random_permutation(channels: int = CHANNELS, seed: int | None = None) -> torch.Tensor:
     """A permutation of the DCT channels: seeded (attack 4's known theta) or from the CSPRNG."""
     if seed is None:
-        from minusface.shuffle import _csprng_permutations
-        return _csprng_permutations(1, channels)[0]
+        from minusface.shuffle import csprng_permutations
+        return csprng_permutations(1, channels)[0]
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(channels, generator=g)
 

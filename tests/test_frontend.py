@@ -10,7 +10,7 @@ from pytorch_msssim import ssim
 import minusface.frontend as frontend_mod
 from minusface.dct import decode
 from minusface.frontend import MinusFaceFrontend
-from minusface.shuffle import _csprng_permutations, _seeded_permutations, shuffle_channels
+from minusface.shuffle import _seeded_permutations, csprng_permutations, shuffle_channels
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def _uniform_enough(perms: np.ndarray) -> bool:
 @pytest.mark.parametrize("sampler", ["csprng", "seeded"])
 def test_permutations_are_uniform(sampler):
     m = 4000
-    perms = (_csprng_permutations(m, 192) if sampler == "csprng"
+    perms = (csprng_permutations(m, 192) if sampler == "csprng"
              else _seeded_permutations(m, 192, torch.Generator().manual_seed(0))).numpy()
     assert all(sorted(p) == list(range(192)) for p in perms[:50])
     stat, dof = _position_chi2(perms)
@@ -45,7 +45,7 @@ def test_permutations_are_uniform(sampler):
 
 
 def test_chi_square_check_detects_a_biased_sampler():
-    perms = _csprng_permutations(4000, 192).numpy()
+    perms = csprng_permutations(4000, 192).numpy()
     perms[::5] = np.arange(192)                          # every 5th draw is the identity
     assert not _uniform_enough(perms)
 
