@@ -93,9 +93,31 @@ def generic(d: dict) -> list[Row]:
     return [(r["section"], r["measurement"], r["value"]) for r in d.get("rows", [])]
 
 
+def privacy_eval(d: dict) -> list[Row]:
+    """A `minusfed privacy-eval` privacy.json: each row states its gate, never a bare number."""
+    m, pix, judge = d["metrics"], d["pixel_gate"], d["judge_gate"]
+    scale = f"{d['n_eval_images']} images of {d['n_eval_identities']} people"
+    mf, none = m["minusface"], m["none"]
+    rows = [("privacy", f"pixel recovery from X_p ({scale}): SSIM / PSNR, verdict",
+             f"{mf['ssim']:.3f} / {mf['psnr']:.2f} dB: {d['verdicts']['minusface']}"),
+            ("privacy", "same attacker on unprotected faces (the gate: >= 0.95 / 30 dB)",
+             f"{none['ssim']:.3f} / {none['psnr']:.2f} dB: gate {'passed' if pix['passed'] else 'failed'}")]
+    link = m.get("f_p linkage", {}).get("identity", {})
+    if "rank1" in link:
+        ch = link["chance"]
+        rows.append(("privacy", "f_p linkage, zero training: rank-1 / AUC (chance)",
+                     f"{link['rank1']:.3f} / {link['auc']:.3f} ({ch['rank1']:.3f} / {ch['auc']:.1f})"))
+    rows.append(("privacy", "judge-scored identity of recovered faces",
+                 "reported" if judge["passed"] else f"refused ({judge['quality']})"))
+    for verdict in d.get("gradient_inversion", {}).get("verdict", []):
+        rows.append(("privacy", "gradient inversion of one update", verdict))
+    return rows
+
+
 RENDERERS: dict[str, Callable[..., list[Row]]] = {"gpu": gpu, "federated_lfw": federated_lfw,
                                   "stage2_probe": stage2_probe, "lfw": lfw,
-                                  "simulation": simulation, "generic": generic}
+                                  "simulation": simulation, "generic": generic,
+                                  "privacy_eval": privacy_eval}
 SECTIONS = ("accuracy", "privacy", "speed", "scale")
 
 

@@ -58,3 +58,21 @@ def test_federated_rows_of_the_old_server_loop_are_marked(tmp_path):
     assert old.count("rerun needed") == 1 and "2 sites, f_p on X_p; numbers from the old" in old
     _save(tmp_path, "old.json", "federated_lfw", {**data, "federated_path": "ServerApp"})
     assert "rerun needed" not in report.render(report.load(tmp_path))
+
+
+def _privacy(passed: bool, verdict: str) -> dict:
+    m = {"minusface": {"ssim": 0.3, "psnr": 12.5}, "none": {"ssim": 0.97, "psnr": 31.0}}
+    return {"metrics": m, "verdicts": {"minusface": verdict}, "n_eval_images": 9,
+            "n_eval_identities": 3, "pixel_gate": {"passed": passed},
+            "judge_gate": {"passed": False, "quality": "judge cross-image AUC 0.70"}}
+
+
+def test_privacy_rows_carry_their_gate_and_verdict():
+    rows = report.privacy_eval(_privacy(False, "no evidence (gate failed)"))
+    assert {section for section, _, _ in rows} == {"privacy"}
+    values = " ".join(value for _, _, value in rows)
+    assert "0.300 / 12.50 dB: no evidence (gate failed)" in values
+    assert "31.00 dB: gate failed" in values
+    assert "refused (judge cross-image AUC 0.70)" in values
+    passed = " ".join(value for _, _, value in report.privacy_eval(_privacy(True, "protected")))
+    assert "gate passed" in passed and "dB: protected" in passed
