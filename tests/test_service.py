@@ -217,6 +217,12 @@ def test_oversized_and_unknown_subject(service):
         r = h.post("/v1/embed", content=npy(np.stack([good] * 3)),
                    headers={"Content-Type": "application/x-npy"})
         assert r.status_code == 200 and len(r.json()["embeddings"]) == 3
+        as_json = np.array(r.json()["embeddings"], dtype=np.float32)
+        r = h.post("/v1/embed", content=npy(np.stack([good] * 3)),
+                   headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
+        as_npy = np.load(io.BytesIO(r.content), allow_pickle=False)
+        assert as_npy.shape == (3, 512) and np.allclose(as_npy, as_json, atol=1e-6)
 
 
 def test_gallery_never_holds_xp_and_logs_hold_no_payload(service, client):
@@ -311,3 +317,28 @@ def test_cli_enroll_verify_identify(tmp_path, service, bundle):
     (tmp_path / "wrong").write_text("mfs_wrong")
     r = run("identify", str(faces / "dora_0.png"), *common[:6], *bad, "--ca-cert", str(service.ca))
     assert r.returncode == 1 and "HTTP 401" in r.stdout
+
+
+def test_two_processes_share_one_gallery_file(tmp_path):
+    """Replicas (Ray Serve) each hold a Gallery on the same file: each sees the others' commits
+    before answering, appends included, deletes included."""
+    from federation.service.gallery import Gallery, UnknownSubject
+
+    path = tmp_path / "g.db"
+    a, b = Gallery(path, 4), Gallery(path, 4)
+    e = torch.eye(4)
+    assert a.enroll("ann", e[0]) == 1
+    assert b.verify("ann", e[0]) == pytest.approx(1.0)            # b catches up
+    assert b.enroll("bob", e[1]) == 1 and a.enroll("cy", e[2]) == 1
+    assert [m.subject for m in a.identify(e[1], 3)][0] == "bob"
+    assert [m.subject for m in b.identify(e[2], 3)][0] == "cy"
+    assert a.counts() == b.counts() == (3, 3)
+    assert b.delete("ann") == 1
+    with pytest.raises(UnknownSubject):
+        a.verify("ann", e[0])                                       # a reloads after the delete
+    assert a.enroll("bob", e[3]) == 2 and b.verify("bob", e[3]) == pytest.approx(1.0)
+    b.enroll_many(["dee", "eve"], e[:2])
+    assert a.counts() == (4, 5) and b.counts() == (4, 5)
+    a.close()
+    b.close()
+    assert Gallery(path, 4).counts() == (4, 5)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -27,12 +28,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from federation.service.auth import TokenCheck
 from federation.service.gallery import Gallery, UnknownSubject
-from federation.service.payload import PayloadError, batch_views, face_views, parse_body
+from federation.service.payload import (
+    NPY,
+    PayloadError,
+    batch_views,
+    face_views,
+    npy_bytes,
+    parse_body,
+)
 from task.bundle import FAR_KEYS, ServerBundle
 
 log = logging.getLogger("minusfed.service")
@@ -152,16 +160,20 @@ def create_app(bundle: ServerBundle, gallery: Gallery, tokens: TokenCheck | None
         subjects, templates = gallery.counts()
         return {"card": bundle.card, "far": settings.far, "threshold": _num(threshold),
                 "embedding-size": bundle.embedding_size, "smoke": bundle.smoke,
+                "process": os.getpid(),      # which replica answered (Ray Serve)
                 "gallery": {"subjects": subjects, "templates": templates}}
 
     @app.post("/v1/embed")
-    async def embed(request: Request) -> dict:
+    async def embed(request: Request) -> Response:
         try:
             views = batch_views(await read_xp(request), settings.max_embed_faces)
         except PayloadError as e:
             raise Refusal(e.status, str(e)) from None
         emb = await run_in_threadpool(embedder, views)
-        return {"embeddings": emb.tolist(), "dim": int(emb.shape[1])}
+        if NPY in request.headers.get("accept", ""):      # float32 .npy: no float formatting
+            return Response(npy_bytes(emb.numpy()), media_type=NPY)
+        # JSONResponse skips FastAPI's jsonable_encoder, which walks every float
+        return JSONResponse({"embeddings": emb.tolist(), "dim": int(emb.shape[1])})
 
     @app.post("/v1/subjects/{subject}/enroll")
     async def enroll(subject: str, request: Request) -> dict:

@@ -8,6 +8,10 @@ mid-enroll (kill -9) leaves the previous committed state, never a torn row.
 Search: the embeddings live in one (M, D) float32 matrix with a parallel subject index; a query
 is one matrix-vector product, then a per-subject maximum (a subject's score is its best
 template).  The matrix is rebuilt from SQLite at start and updated in place on every change.
+
+Several processes may serve one gallery file on one machine (Ray Serve replicas): before every
+query and change a process asks SQLite whether another connection committed since it last
+looked (`PRAGMA data_version`) and, if so, appends the new rows, or reloads after a delete.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class Gallery:
         except sqlite3.DatabaseError as e:
             raise GalleryError(f"{self.path}: not a usable SQLite gallery ({e})") from e
         self._check_dim()
+        self._version = self._data_version()
         self._load()
 
     def _check_dim(self) -> None:
@@ -88,9 +93,34 @@ class Gallery:
             raise GalleryError(f"{self.path}: gallery of {row[0]}-d embeddings, but this model "
                                f"embeds to {self.dim}-d (a gallery belongs to one bundle)")
 
+    def _data_version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _sync(self) -> None:
+        """Catch up with commits of other connections (call with the lock held)."""
+        version = self._data_version()
+        if version == self._version:
+            return
+        self._version = version
+        mark = self._seen_max
+        rows = self._db.execute("SELECT id, subject, embedding FROM templates WHERE id > ? "
+                                "ORDER BY id", (mark,)).fetchall()
+        fresh = [r for r in rows if r[0] not in self._id_set]
+        total = int(self._db.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
+        if total != self._n + len(fresh):            # something was deleted: start over
+            self._load()
+            return
+        for row_id, subject, blob in fresh:
+            self._ids.append(row_id)
+            self._id_set.add(row_id)
+            self._append(subject, torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()))
+        self._seen_max = max([mark] + [r[0] for r in rows])
+
     def _load(self) -> None:
         rows = self._db.execute("SELECT id, subject, embedding FROM templates ORDER BY id").fetchall()
         self._ids = [r[0] for r in rows]
+        self._id_set = set(self._ids)
+        self._seen_max = self._ids[-1] if self._ids else 0
         self._subjects: list[str] = []           # subject of each distinct index
         self._subject_index: dict[str, int] = {}
         owners = []
@@ -134,6 +164,7 @@ class Gallery:
         """Add one template; returns the subject's template count.  Committed on return."""
         vec = self._vector(embedding)
         with self._lock:
+            self._sync()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._db.execute(
@@ -146,6 +177,7 @@ class Gallery:
                 self._db.execute("ROLLBACK")
                 raise
             self._ids.append(cur.lastrowid)
+            self._id_set.add(cur.lastrowid)
             self._append(subject, vec)
             return int(count)
 
@@ -169,11 +201,13 @@ class Gallery:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._version = self._data_version()
             self._load()
 
     def delete(self, subject: str) -> int:
         """Remove every template of `subject`; `UnknownSubject` if it has none."""
         with self._lock:
+            self._sync()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 n = self._db.execute("DELETE FROM templates WHERE subject=?", (subject,)).rowcount
@@ -181,6 +215,7 @@ class Gallery:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._version = self._data_version()
             if n == 0:
                 raise UnknownSubject(subject)
             self._load()
@@ -198,6 +233,7 @@ class Gallery:
         """Best cosine between `embedding` and the subject's templates."""
         vec = self._vector(embedding)
         with self._lock:
+            self._sync()
             index = self._subject_index.get(subject)
             rows = (self._owner == index).nonzero().view(-1) if index is not None else None
             if rows is None or rows.numel() == 0:
@@ -208,12 +244,14 @@ class Gallery:
         """The k subjects with the best template cosine, best first (exact search)."""
         vec = self._vector(embedding)
         with self._lock:
+            self._sync()
             return [Match(self._subjects[i], s) for i, s in
                     top_subjects(self._matrix, self._owner, len(self._subjects), vec, k)]
 
     def counts(self) -> tuple[int, int]:
         """(subjects, templates)."""
         with self._lock:
+            self._sync()
             return len(torch.unique(self._owner)), int(self._matrix.shape[0])
 
     def close(self) -> None:

@@ -58,8 +58,10 @@ class Service:
         self.log_path = self.tmp / f"serve-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        # its own process group: a service with Ray Serve replicas starts Ray's processes,
+        # which stop() can then reach through the PID it started
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env)
+                                     env=env, start_new_session=True)
 
     def wait(self, timeout: float = 120.0) -> Service:
         deadline = time.monotonic() + timeout
@@ -87,7 +89,8 @@ class Service:
         return ssl.create_default_context(cafile=str(self.ca)) if self.ca else False
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def kill9(self) -> None:
@@ -95,12 +98,15 @@ class Service:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL to the process group of the PID it started; the exit code."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=20)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode

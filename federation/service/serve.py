@@ -65,9 +65,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("minusfed.service").setLevel(logging.INFO)
     subjects, templates = gallery.counts()
     scheme = "http" if args.insecure else "https"
-    print(f"serving {bundle.path} (FAR {args.far}, threshold {bundle.threshold(args.far):.4f}) "
-          f"gallery {args.gallery} ({subjects} subjects, {templates} templates) on "
-          f"{scheme}://{args.host}:{args.port}", flush=True)
+    where = "" if not args.replicas else f" with {args.replicas} Ray Serve replica(s)"
+
+    def banner() -> None:
+        print(f"serving {bundle.path} (FAR {args.far}, threshold {bundle.threshold(args.far):.4f}) "
+              f"gallery {args.gallery} ({subjects} subjects, {templates} templates) on "
+              f"{scheme}://{args.host}:{args.port}{where}", flush=True)
+
+    if args.replicas:                  # the same app, built in each replica (ray_serve.py)
+        gallery.close()
+        from federation.service.ray_serve import run_ray_serve
+        return run_ray_serve(args, banner)
+    banner()
     uvicorn.run(app, **kwargs)
     gallery.close()
     return 0
@@ -91,6 +100,13 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replicas(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"--replicas: expected 0..64, got {value}")
+    return value
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="run the recognition service on a bundle's server/ half")
     p.add_argument("bundle", metavar="BUNDLE/server", help="a bundle's server/ folder")
@@ -107,6 +123,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, tokens optional: development on loopback only")
+    p.add_argument("--replicas", type=_replicas, default=0, metavar="N",
+                   help="serve with Ray Serve, N replicas sharing the gallery file (default 0: "
+                        "one uvicorn process); joins $RAY_ADDRESS's cluster when set")
+    p.add_argument("--replica-cpus", type=float, default=1.0, metavar="C",
+                   help="CPUs Ray reserves per replica (default 1)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("tokens", help="per-site API tokens of the recognition service")
