@@ -131,19 +131,20 @@ def main(argv: list[str] | None = None) -> int:
                         with torch.inference_mode():
                             model(xt)
 
-                    def served(body=body) -> None:
+                    def served(body=body, accept="application/json") -> None:
                         r = h.post("/v1/embed", content=body,
-                                   headers={"Content-Type": "application/x-npy"})
+                                   headers={"Content-Type": "application/x-npy", "Accept": accept})
                         assert r.status_code == 200, r.text
 
-                    # alternate, so drifting load on the shared machine hits both alike
-                    t_alone, t_served = [], []
+                    # alternate, so drifting load on the shared machine hits all alike
+                    t_alone, t_json, t_npy = [], [], []
                     for _ in range(args.iters):
                         t_alone += timings(alone, 1, 1)
-                        t_served += timings(served, 1, 1)
-                    a, s = statistics.median(t_alone), statistics.median(t_served)
-                    embed_rows.append([b, f"{b / a:.1f}", f"{b / s:.1f}", _ms(a), _ms(s),
-                                       f"{100 * (s - a) / a:+.0f} %"])
+                        t_json += timings(served, 1, 1)
+                        t_npy += timings(lambda: served(accept="application/x-npy"), 1, 1)
+                    a, j, n = (statistics.median(t) for t in (t_alone, t_json, t_npy))
+                    embed_rows.append([b, f"{b / a:.1f}", _ms(a), _ms(j), _ms(n),
+                                       f"{100 * (j - a) / a:+.0f} %", f"{100 * (n - a) / a:+.0f} %"])
             # verify under bounded concurrent load
             face = _npy(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
             latencies: list[float] = []
@@ -186,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"f_p = {args.backbone} width {args.backbone_width} (fresh weights), torch "
           f"{args.threads} thread(s) in both the bench and the service; service = `minusfed "
           "serve` subprocess, HTTPS + token on loopback, float16 .npy bodies\n")
-    print(markdown_table(["batch (X_p)", "f_p alone img/s", "service img/s", "f_p ms",
-                          "service ms", "service overhead"], embed_rows))
+    print(markdown_table(["batch (X_p)", "f_p alone img/s", "f_p ms", "service ms (JSON reply)",
+                          "service ms (.npy reply)", "overhead (JSON)", "overhead (.npy)"],
+                         embed_rows))
     print(f"\nverify (one face, 2 float16 views), {args.clients} concurrent clients x "
           f"{args.requests} requests, gallery {served_n:,} templates: p50 {_ms(p50)} ms, "
           f"p99 {_ms(p99)} ms, {len(latencies) / wall:.1f} requests/s")
