@@ -34,6 +34,7 @@ from federation.report import save_server_scores, write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
 from federation.service.run_bundle import write_run_bundle
+from federation.tensorboard import RunEvents
 from minusface.atomic import write_atomic
 from minusface.precision import configure as configure_precision
 from minusface.presets import Preset
@@ -250,6 +251,7 @@ def run_server(grid: Grid, context: Context) -> None:
         dp.resume()
 
     clock = RoundClock(plan, done)       # one progress line per round replaces Flower's blocks
+    events = RunEvents(out_dir, purge_from=done + 1)    # tensorboard --logdir OUT_DIR
     log(INFO, "minusfed: %d round(s) to run (stage 1: %d, stage 2: %d) with %d site(s)",
         len(plan) - done, rounds[STAGE1], rounds[STAGE2], nodes)
     for index, (stage, stage_round) in enumerate(plan, start=1):
@@ -295,9 +297,11 @@ def run_server(grid: Grid, context: Context) -> None:
         done = index
         for entry in result.report.replies:          # every reply, accepted or not, with why
             store.append_metrics({"round": index, "stage": stage, "client": entry})
+        events.round(index, metrics, result.report.replies)
         clock.record(stage, time.perf_counter() - t0)     # training, server eval, checkpoint
         log(INFO, "%s", clock.line(index, stage, stage_round, metrics))
 
+    events.close()
     if dp:
         dp.finish()
     final = out_dir / "final"

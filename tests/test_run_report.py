@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +100,42 @@ def test_face_grid_puts_each_face_above_its_protected_image(lfw_root, tmp_path):
     assert red.mean() > 0.1                      # the X_p row shows the protected images
     with pytest.raises(ValueError, match="same number"):
         face_grid(faces, protected[:2], ["a", "b", "c"], tmp_path / "x.png", "t")
+
+
+def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TFRecord event files under `logdir` (length, crc, event, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_events_hold_server_metrics_and_site_losses(tmp_path):
+    from federation.tensorboard import DIR, RunEvents
+
+    events = RunEvents(tmp_path)
+    for index, acc in ((1, 0.55), (2, 0.61)):
+        events.round(index, {"server_accuracy": acc, "server_auc": float("nan"), "lr": 0.1,
+                             "stage_round": 1, "clients_train_loss": 3.0},
+                     [{"phase": "train", "node_id": 7, "site": "bank-a",
+                       "metrics": {"train_loss": 4.0 - index}},
+                      {"phase": "evaluate", "node_id": 7, "metrics": {"eval_loss": 9.0}},
+                      {"phase": "train", "node_id": 8, "problems": ["non-finite update"]}])
+    events.close()
+    got = _scalars(tmp_path / DIR)
+    assert got["server/accuracy"] == [(1, pytest.approx(0.55)), (2, pytest.approx(0.61))]
+    assert got["run/lr"] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.1))]
+    assert got["site_loss/bank-a"] == [(1, 3.0), (2, 2.0)]
+    assert "server/auc" not in got                 # NaN is left out, not plotted as a value
+    assert set(got) == {"server/accuracy", "run/lr", "site_loss/bank-a"}
