@@ -98,19 +98,47 @@ def _set_mode(model: nn.Module, head: nn.Module, train_mode: bool) -> None:
 
 def client_update(model: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                   lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                  train_mode: bool = False) -> dict[str, torch.Tensor]:
-    """The shipped update w_after - w_before of one SGD step (momentum, weight decay) of a copy
-    of `model` (+ `head`) on the model inputs; the caller's modules are not touched."""
+                  train_mode: bool = False, local_steps: int = 1) -> dict[str, torch.Tensor]:
+    """The shipped update w_after - w_before of `local_steps` SGD steps (momentum, weight decay)
+    of a copy of `model` (+ `head`) on the model inputs; the caller's modules are not touched."""
     model, head = copy.deepcopy(model), copy.deepcopy(head)
     _set_mode(model, head, train_mode)
     params = shared_parameters(model)
     before = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.SGD(list(params.values()) + list(head.parameters()), lr=lr,
                           momentum=momentum, weight_decay=weight_decay)
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(head(model(inputs), labels), labels).backward()
-    opt.step()
+    for _ in range(local_steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(head(model(inputs), labels), labels).backward()
+        opt.step()
     return {n: (p.detach() - before[n]) for n, p in params.items()}
+
+
+def simulate_update(model: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                    lr: float, weight_decay: float, momentum: float, local_steps: int,
+                    create_graph: bool = True) -> dict[str, torch.Tensor]:
+    """`client_update` written out functionally (torch.func.functional_call), differentiable
+    with respect to `inputs`: the multi-step attacker unrolls the client's local steps."""
+    from torch.func import functional_call
+
+    pm = {n: p.detach().requires_grad_(True) for n, p in shared_parameters(model).items()}
+    ph = {n: p.detach().requires_grad_(True) for n, p in head.named_parameters()}
+    start = dict(pm)
+    bufs: dict[str, torch.Tensor] = {}
+    for _ in range(local_steps):
+        emb = functional_call(model, pm, (inputs,))
+        loss = F.cross_entropy(functional_call(head, ph, (emb, labels)), labels)
+        names = list(pm) + [f"head.{n}" for n in ph]
+        values = list(pm.values()) + list(ph.values())
+        grads = torch.autograd.grad(loss, values, create_graph=create_graph)
+        new = {}
+        for name, value, grad in zip(names, values, grads):
+            d = grad + weight_decay * value
+            bufs[name] = d if name not in bufs else momentum * bufs[name] + d   # torch.optim.SGD
+            new[name] = value - lr * bufs[name]
+        pm = {n: new[n] for n in pm}
+        ph = {n: new[f"head.{n}"] for n in ph}
+    return {n: pm[n] - start[n] for n in pm}
 
 
 def gradient_from_update(update: dict[str, torch.Tensor], weights_before: dict[str, torch.Tensor],
@@ -190,6 +218,66 @@ def invert_gradient(model: nn.Module, head: nn.Module, labels: torch.Tensor,
                      seconds=time.perf_counter() - t0)
 
 
+def invert_update(model: nn.Module, head: nn.Module, labels: torch.Tensor,
+                  observed: dict[str, torch.Tensor], to_model_input: ToModelInput,
+                  num_images: int, *, local_steps: int, client_lr: float, weight_decay: float,
+                  momentum: float = 0.9, steps: int = 48, lr: float = 0.05, tv: float = 0.01,
+                  signed: bool = True, seed: int = 0, side: int = 112, progress: bool = False,
+                  desc: str = "multi-step inversion") -> Inversion:
+    """Geiping et al.'s multi-step variant: dummy images whose simulated `local_steps`-step
+    update (the client's optimiser, unrolled) matches the observed update in cosine."""
+    t0 = time.perf_counter()
+    model, head = copy.deepcopy(model), copy.deepcopy(head)
+    _set_mode(model, head, False)
+    names = [n for n in shared_parameters(model) if n in observed]
+    if not names:
+        raise ValueError("invert_update: the observed update shares no parameter with the model")
+    target = [observed[n].detach().float() for n in names]
+    target_norm = torch.sqrt(sum(t.pow(2).sum() for t in target))
+    gen = torch.Generator().manual_seed(seed)
+    dummy = (0.5 + 0.05 * torch.randn(num_images, 3, side, side, generator=gen)).clamp(0, 1)
+    dummy.requires_grad_(True)
+    opt = torch.optim.Adam([dummy], lr=lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=sorted({max(1, int(f * steps)) for f in LR_MILESTONES}), gamma=0.1)
+
+    def distance(images: torch.Tensor, create_graph: bool) -> torch.Tensor:
+        sim = simulate_update(model, head, to_model_input(images), labels, client_lr,
+                              weight_decay, momentum, local_steps, create_graph=create_graph)
+        return _cosine_distance([sim[n] for n in names], target, target_norm)
+
+    losses: list[float] = []
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        rec = distance(dummy, True)
+        (dummy_grad,) = torch.autograd.grad(rec + tv * total_variation(dummy), [dummy])
+        dummy.grad = dummy_grad.sign() if signed else dummy_grad
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            dummy.clamp_(0.0, 1.0)
+        losses.append(float(rec.detach()))
+        bar.update(1)
+    bar.close()
+    images = dummy.detach()
+    cos = 1.0 - float(distance(images, False).detach())
+    return Inversion(images=images, gradient_cosine=cos, losses=losses,
+                     seconds=time.perf_counter() - t0)
+
+
+def attack_local_steps(model: nn.Module, head: nn.Module, inputs01: torch.Tensor,
+                       labels: torch.Tensor, to_model_input: ToModelInput, *, local_steps: int,
+                       client_lr: float = 0.01, weight_decay: float = 5e-4,
+                       **invert_kw) -> Inversion:
+    """`local_steps` client steps on `inputs01`, then the multi-step attack on the update."""
+    update = client_update(model, head, to_model_input(inputs01), labels, client_lr, weight_decay,
+                           local_steps=local_steps)
+    return invert_update(model, head, labels, update, to_model_input, inputs01.shape[0],
+                         local_steps=local_steps, client_lr=client_lr,
+                         weight_decay=weight_decay, side=inputs01.shape[-1], **invert_kw)
+
+
 def attack_update(model: nn.Module, head: nn.Module, inputs01: torch.Tensor,
                   labels: torch.Tensor, to_model_input: ToModelInput, *, client_lr: float = 0.01,
                   weight_decay: float = 5e-4, train_mode: bool = False, **invert_kw) -> Inversion:
@@ -237,10 +325,12 @@ def evaluate_gradient_inversion(faces: torch.Tensor, labels: Sequence[int] | np.
                                 client_lr: float = 0.01, weight_decay: float = 5e-4,
                                 judge_embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
                                 inverter: nn.Module | None = None, seed: int = 0,
-                                progress: bool = False) -> dict:
+                                progress: bool = False, local_steps: int = 0) -> dict:
     """Attack a no-protection update and a MinusFace stage-2 update of the same batch.
 
     ``probe_steps``: steps of the attack on the leaky `LinearProbe` (0 = not run).
+    ``local_steps`` >= 2 adds rows "gi-steps{K}/...": the client takes K local steps on the batch
+    (momentum, weight decay) and the attacker unrolls them (`invert_update`), `steps` steps.
     ``faces``: the client's faces (N, 3, 112, 112) in [-1, 1]; a batch of `images` of them (one
     per identity where possible) is used.  ``protect_fn`` maps those faces to X_p in [0, 1]
     (fresh CSPRNG permutations).  ``recognizer``/``head``: 3-channel recognizer and margin head
@@ -294,6 +384,22 @@ def evaluate_gradient_inversion(faces: torch.Tensor, labels: Sequence[int] | np.
             chained = recover(inverter, mf.images)
             row(f"{prefix}/minusface + inverter", chained, originals, {})
             out_images[f"{prefix}/minusface + inverter"] = chained
+    if local_steps >= 2:
+        prefix = f"gi-steps{local_steps}"
+        multi = dict(lr=lr, tv=tv, signed=signed, seed=seed, client_lr=client_lr,
+                     weight_decay=weight_decay, progress=progress, steps=steps,
+                     local_steps=local_steps)
+        raw = attack_local_steps(recognizer, head, originals, y, faces_input,
+                                 desc=f"{prefix} [none]", **multi)
+        row(f"{prefix}/none", raw.images, originals,
+            {"grad_cos": raw.gradient_cosine, "seconds": raw.seconds})
+        mf = attack_local_steps(recognizer, head, x_p, y, protected_input,
+                                desc=f"{prefix} [minusface]", **multi)
+        extra = {"grad_cos": mf.gradient_cosine, "seconds": mf.seconds}
+        row(f"{prefix}/minusface", mf.images, originals, extra)
+        row(f"{prefix}/minusface vs X_p", mf.images, x_p, extra, identity=False)
+        out_images[f"{prefix}/none"] = raw.images
+        out_images[f"{prefix}/minusface"] = mf.images
     gen = torch.Generator().manual_seed(seed + 3)
     row("reference: grey guess", torch.full_like(originals, 0.5), originals, {})
     row("reference: grey guess vs X_p", torch.full_like(x_p, 0.5), x_p, {}, identity=False)

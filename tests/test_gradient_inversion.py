@@ -15,12 +15,14 @@ from minusface.frontend import MinusFaceFrontend
 from minusface.heads import build_head
 from privacy.gradient_inversion import (
     LinearProbe,
+    attack_local_steps,
     attack_update,
     client_update,
     evaluate_gradient_inversion,
     faces_input,
     gradient_from_update,
     shared_parameters,
+    simulate_update,
 )
 from privacy.metrics import psnr, ssim
 
@@ -50,6 +52,34 @@ def test_update_gives_back_the_exact_gradient():
     for (name, g), t in zip(grad.items(), true):
         assert torch.allclose(g, t, atol=1e-5, rtol=1e-3), name
     assert all(p.grad is None for p in model.parameters())      # caller's model untouched
+
+
+def test_the_attackers_unrolled_local_steps_are_the_clients_update():
+    torch.manual_seed(0)
+    model, head = LinearProbe(embedding_size=16), build_head("arcface", 16, 3)
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    y = torch.tensor([0, 2])
+    real = client_update(model, head, x, y, lr=0.1, weight_decay=5e-4, local_steps=3)
+    sim = simulate_update(model, head, x, y, 0.1, 5e-4, 0.9, 3, create_graph=False)
+    one = client_update(model, head, x, y, lr=0.1, weight_decay=5e-4, local_steps=1)
+    for name in real:
+        assert torch.allclose(sim[name], real[name], atol=1e-6, rtol=1e-4), name
+    assert any(not torch.allclose(real[n], 3 * one[n], rtol=1e-3) for n in real)  # not linear
+
+
+def test_multi_step_inversion_recovers_unprotected_faces(faces):
+    x, _ = faces
+    originals = (x[:2] * 0.5 + 0.5).clamp(0, 1)
+    torch.manual_seed(0)
+    head = build_head("arcface", 512, 2)
+    inv = attack_local_steps(LinearProbe(), head, originals, torch.tensor([0, 1]), faces_input,
+                             local_steps=3, client_lr=0.1, steps=120, seed=0)
+    grey = torch.full_like(originals, 0.5)
+    p_rec, p_grey = psnr(inv.images, originals), psnr(grey, originals)
+    print(f"\nmulti-step GI probe, 3 local steps, B=2, 120 steps: PSNR {p_rec:.2f} vs grey "
+          f"{p_grey:.2f}, update cos {inv.gradient_cosine:.3f}")
+    assert p_rec > p_grey + 2.0 and inv.gradient_cosine > 0.9
+    assert p_rec > psnr(inv.images.flip(0), originals) + 2.0
 
 
 def test_gradient_inversion_recovers_unprotected_faces_and_only_x_p_under_minusface(faces):
@@ -92,13 +122,14 @@ def test_gradient_inversion_recovers_unprotected_faces_and_only_x_p_under_minusf
     torch.manual_seed(0)
     frontend = MinusFaceFrontend(width=2).eval()
     res = evaluate_gradient_inversion(x, labels, frontend.protect, ir, head, images=2, steps=2,
-                                      probe_steps=100, seed=0)
+                                      probe_steps=100, seed=0, local_steps=2)
     m = res["metrics"]
     print("GI rows:", json.dumps({k: {a: round(v[a], 3) for a in ("psnr", "ssim", "grad_cos")
                                       if a in v} for k, v in m.items()}))
     assert {"gi/none", "gi/minusface", "gi/minusface vs X_p", "gi-probe/none",
             "gi-probe/minusface", "gi-probe/minusface vs X_p", "reference: grey guess",
-            "reference: random image"} <= set(m)
+            "reference: random image", "gi-steps2/none", "gi-steps2/minusface",
+            "gi-steps2/minusface vs X_p"} <= set(m)
     assert m["gi-probe/none"]["psnr"] > m["gi-probe/minusface"]["psnr"] + 3.0
     assert m["gi-probe/minusface vs X_p"]["psnr"] > m["gi-probe/minusface"]["psnr"]
     assert m["gi-probe/minusface vs X_p"]["psnr"] > m["reference: grey guess vs X_p"]["psnr"] + 2.0
