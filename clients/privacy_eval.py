@@ -34,6 +34,7 @@ from privacy.gates import CONSTANT_ROWS
 from privacy.report import (
     FP_ROW,
     JUDGE_ROW,
+    MAX_LOCAL_STEPS,
     PIXEL_ROWS,
     REGEN_ROW,
     STUDENT_ROW,
@@ -52,8 +53,11 @@ METRIC_KEYS = (*dict.fromkeys((*PIXEL_KEYS, *IDENTITY_KEYS, "grad_cos")),
 # scalars flatten_metrics / site_privacy_metrics add: the outbound guard's allow-list for the
 # privacy reply (`privacy_metric_names`; tests/test_guard.py checks a real reply against it).
 REPORT_ROWS = (XP_ROW, REGEN_ROW, *PIXEL_ROWS, *CONSTANT_ROWS, JUDGE_ROW, FP_ROW, STUDENT_ROW)
+GI_STEPS_PREFIXES = tuple(f"gi-steps{k}" for k in range(2, MAX_LOCAL_STEPS + 1))  # K steps
 GI_ROWS = (*(f"{prefix}/{view}" for prefix in ("gi", "gi-probe")
              for view in ("none", "minusface", "minusface vs X_p", "minusface + inverter")),
+           *(f"{prefix}/{view}" for prefix in GI_STEPS_PREFIXES
+             for view in ("none", "minusface", "minusface vs X_p")),
            "reference: grey guess", "reference: grey guess vs X_p", "reference: random image")
 SCALAR_KEYS = ("gi-batch-size", "n-eval-images", "n-eval-identities", "n-aux-images", "seconds",
                "aux-own-identities", "n-aux-identities", "privacy-skipped", "n-identities",
@@ -184,7 +188,8 @@ def site_privacy_metrics(images: np.ndarray, labels: np.ndarray,
     result = evaluate_client(frontend, images[eval_mask], labels[eval_mask], aux_images,
                              judge_embed_fn(judge), config, seed=seed, progress=progress,
                              judge_info="unprotected judge trained on the site's attacker-aux "
-                                        "half", gi_recognizer=gi_net, gi_recognizer_info=gi_info)
+                                        "half", gi_recognizer=gi_net, gi_recognizer_info=gi_info,
+                             judge_model=judge)
     out = flatten_metrics(result)
     out.update({"aux-own-identities": 1, "n-aux-identities": int(len(aux_ids))})
     return out

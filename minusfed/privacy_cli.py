@@ -287,7 +287,8 @@ def run_cli(args: argparse.Namespace) -> int:
         result = evaluate_client(frontend, c_img, c_lab, a_img, judge_embed_fn(judge), config,
                                  seed=args.seed, progress=progress, client_identities=client_ids,
                                  aux_identities=aux_ids, judge_info=judge_info, client_name=name,
-                                 gi_recognizer=gi_net, gi_recognizer_info=gi_info)
+                                 gi_recognizer=gi_net, gi_recognizer_info=gi_info,
+                                 judge_model=judge)
         result["generator"] = g_info
         result["source"] = source
         client_dir = out / name if len(clients) > 1 else out

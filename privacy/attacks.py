@@ -259,6 +259,60 @@ def train_inverter(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray, epochs:
                 progress=progress, desc=desc, metric="l1", **stopping)
 
 
+class RecognizerFeatures(nn.Module):
+    """A frozen recognizer's differentiable features of images in [0, 1]: the stem and the first
+    stage (for a perceptual loss; IResNet only, else none) and the embedding (identity loss)."""
+
+    def __init__(self, recognizer: nn.Module) -> None:
+        super().__init__()
+        self.net = recognizer.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self._taps: list[torch.Tensor] = []
+        stem, body = getattr(recognizer, "input_layer", None), getattr(recognizer, "body", None)
+        for module in ([stem, body[0]] if stem is not None and body is not None else []):
+            module.register_forward_hook(lambda _m, _i, out: self._taps.append(out))
+
+    def forward(self, images01: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        self._taps = []
+        emb = self.net(images01 * 2.0 - 1.0)
+        return self._taps, emb
+
+
+def perceptual_identity_loss(features: RecognizerFeatures, perceptual: float, identity: float
+                             ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """L1 + `perceptual` x feature MSE + `identity` x (1 - cos of embeddings) between the
+    reconstruction and the face, both seen through `features`."""
+    def loss(model: nn.Module, views: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rec = model(views)
+        taps_r, emb_r = features(rec)
+        with torch.no_grad():
+            taps_t, emb_t = features(target)
+        value = F.l1_loss(rec, target)
+        if taps_r:
+            value = value + perceptual * sum(F.mse_loss(a, b) for a, b in zip(taps_r, taps_t)) / len(taps_r)
+        return value + identity * (1.0 - F.cosine_similarity(emb_r, emb_t, dim=1)).mean()
+    return loss
+
+
+def train_perceptual_inverter(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray,
+                              recognizer: nn.Module, epochs: int, batch_size: int,
+                              lr: float = 1e-3, width: int = 16, perceptual: float = 1.0,
+                              identity: float = 1.0, seed: int = 0, fresh_views: bool = True,
+                              progress: bool = True, **stopping) -> Inverter:
+    """The second pixel attacker: `train_inverter`'s U-Net and data with a perceptual + identity
+    loss through `recognizer` (an unprotected face recognizer the attacker holds)."""
+    faces = as_faces(aux_faces)
+    torch.manual_seed(seed)
+    model = Inverter(width)
+    features = RecognizerFeatures(recognizer)
+    return _fit(model, views, faces, to_unit(faces),
+                perceptual_identity_loss(features, perceptual, identity),
+                epochs=epochs, batch_size=max(2, batch_size), lr=lr, seed=seed,
+                fresh_views=fresh_views, progress=progress, desc="inverter [perceptual+identity]",
+                metric="l1+perc+id", min_batch=1, **stopping)
+
+
 @torch.no_grad()
 def recover(inverter: nn.Module, views: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """The inverter's faces (N, 3, 112, 112) in [0, 1] for attacker views in [0, 1]."""

@@ -54,6 +54,7 @@ from .attacks import (
     to_unit,
     train_inverter,
     train_linkage_student,
+    train_perceptual_inverter,
     views_fn,
     views_from_residue,
 )
@@ -61,8 +62,10 @@ from .gates import CONSTANT_ROWS, best_constant, judge_gate, pixel_gate, pixel_v
 from .identity import cross_image_identity
 from .metrics import pixel_metrics_ci
 
-PIXEL_ROWS = ("none", "no-shuffle", "no-subtraction", "minusface", "fixed-theta/same",
-              "fixed-theta/fresh")
+PERCEPTUAL_ROW = "minusface (perceptual+identity)"
+MAX_LOCAL_STEPS = 8           # clients.privacy_eval's reply allow-list names gi-steps2..8
+PIXEL_ROWS = ("none", "no-shuffle", "no-subtraction", "minusface", PERCEPTUAL_ROW,
+              "fixed-theta/same", "fixed-theta/fresh")
 JUDGE_ROW, FP_ROW, STUDENT_ROW, XP_ROW, REGEN_ROW = (
     "judge on originals", "f_p linkage", "linkage student", "view: X_p itself", "g regeneration")
 COLUMNS = (("ssim", "SSIM"), ("ms_ssim", "MS-SSIM"), ("psnr", "PSNR (dB)"),
@@ -108,6 +111,15 @@ class PrivacyConfig:
     gi_preset: str = "tiny"       # recognizer architecture when no weights are given
     gi_local_steps: int = 3       # K >= 2 adds a row where the client takes K local steps and
                                   # the attacker unrolls them (0 = only the one-step rows)
+    # the second pixel attacker on X_p: L1 + perceptual (feature MSE) + identity (1 - cos)
+    # through the judge recognizer; 0 for both = not run
+    perceptual_weight: float = 1.0
+    identity_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gi_local_steps <= MAX_LOCAL_STEPS:
+            raise ValueError(f"gi_local_steps: expected 0..{MAX_LOCAL_STEPS}, got "
+                             f"{self.gi_local_steps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -246,14 +258,16 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
                     aux_identities: Sequence[str] | None = None,
                     judge_info: str = "", client_name: str = "client",
                     gi_recognizer: torch.nn.Module | None = None,
-                    gi_recognizer_info: str = "") -> dict:
+                    gi_recognizer_info: str = "",
+                    judge_model: torch.nn.Module | None = None) -> dict:
     """Every attack against one client's faces; returns {metrics per row, verdicts, attacker, ...}.
 
     ``judge_embed`` maps images in [0, 1] to embeddings (see `attacks.judge_embed_fn`); it must
     not have been trained on the client's identities.  When the identity names are given, the
     auxiliary and client identities must be disjoint.  ``gi_recognizer``: the global stage-2
     recognizer f_p (the f_p linkage row and the attacked update), or None (no f_p linkage; a
-    fresh ``config.gi_preset`` recognizer for the update).  The returned dict holds the grid
+    fresh ``config.gi_preset`` recognizer for the update).  ``judge_model``: the judge's module,
+    for the perceptual + identity attacker (None: that row is not run).  The returned dict holds the grid
     images under the private key "_images" (not written to JSON).
     """
     if client_identities is not None and aux_identities is not None:
@@ -320,6 +334,17 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
         inverters[kind], curves[kind] = inv, inv.training_curve
         score(kind, recover(inv, eval_view[kind] if kind in eval_view else fn(faces)))
 
+    # Attack 2b: the same inverter with a perceptual + identity loss through the judge.  The
+    # attacker then optimises against the very recognizer that scores it: an upper bound.
+    if judge_model is not None and (config.perceptual_weight > 0 or config.identity_weight > 0):
+        inv = train_perceptual_inverter(
+            views_fn(frontend, "minusface"), aux, judge_model, config.inverter_epochs,
+            config.batch_size, config.lr, config.inverter_width, config.perceptual_weight,
+            config.identity_weight, seed=seed, fresh_views=config.fresh_views,
+            progress=progress, **stopping)
+        curves[PERCEPTUAL_ROW] = inv.training_curve
+        score(PERCEPTUAL_ROW, recover(inv, x_p))
+
     # Attack 4: one known theta.
     fn = views_fn(frontend, "fixed-permutation", permutation=theta)
     inv = train_inverter(fn, aux, config.inverter_epochs, config.batch_size, config.lr,
@@ -353,7 +378,7 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     # Gates and verdicts.
     gate = pixel_gate(rows, config.gate_psnr, config.gate_ssim)
     const = best_constant(rows)
-    verdicts = {r: pixel_verdict(r, rows[r], gate, const) for r in PIXEL_ROWS}
+    verdicts = {r: pixel_verdict(r, rows[r], gate, const) for r in PIXEL_ROWS if r in rows}
 
     # Attack 5: update leakage (gradient inversion of one client step).
     gi_result = None

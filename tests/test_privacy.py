@@ -120,11 +120,32 @@ def test_inverter_recovers_unprotected_faces(lfw_faces):
     assert psnr(rec, originals) > psnr(grey, originals)
 
 
+def test_perceptual_identity_loss_moves_the_inverter_not_the_recognizer():
+    from privacy.attacks import Inverter, RecognizerFeatures, perceptual_identity_loss
+
+    torch.manual_seed(0)
+    judge = build_backbone("ir18", 3, width=8).eval()
+    features = RecognizerFeatures(judge)
+    target = torch.rand(2, 3, 112, 112)
+    taps, emb = features(target)
+    assert len(taps) == 2 and emb.shape == (2, 512)        # stem, first stage; embedding
+    inv = Inverter(4)
+    loss_fn = perceptual_identity_loss(features, perceptual=1.0, identity=1.0)
+    loss = loss_fn(inv, torch.rand(2, 3, 112, 112), target)
+    plain = torch.nn.functional.l1_loss(inv(torch.rand(2, 3, 112, 112)), target)
+    assert loss.item() > plain.item() * 0.5
+    loss.backward()
+    assert all(p.grad is not None for p in inv.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in judge.parameters())
+    assert perceptual_identity_loss(features, 0.0, 0.0)(inv, target, target).item() == \
+        pytest.approx(torch.nn.functional.l1_loss(inv(target), target).item(), rel=1e-5)
+
+
 # --------------------------------------------------------------------------- report
 
 def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
     from clients.privacy_eval import REPORT_ROWS
-    from privacy.report import FP_ROW, JUDGE_ROW, PIXEL_ROWS, STUDENT_ROW
+    from privacy.report import FP_ROW, JUDGE_ROW, PERCEPTUAL_ROW, PIXEL_ROWS, STUDENT_ROW
 
     aux, client, labels, client_ids, aux_ids = lfw_faces
     cfg = PRIVACY_PRESETS["tiny"].with_(inverter_epochs=1, aux_images=8, eval_images=12,
@@ -138,9 +159,11 @@ def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
                         client_identities=client_ids, aux_identities=client_ids[:1])
     result = evaluate_client(frontend, client, labels, aux, judge_embed_fn(judge), cfg,
                              progress=False, client_identities=client_ids,
-                             aux_identities=aux_ids, gi_recognizer=f_p)
+                             aux_identities=aux_ids, gi_recognizer=f_p, judge_model=judge)
     rows = result["metrics"]
     assert set(rows) == set(REPORT_ROWS)
+    assert result["curves"][PERCEPTUAL_ROW]["metric"] == "l1+perc+id"
+    assert all(not p.requires_grad for p in judge.parameters())  # frozen, not trained
     # the tiny attacker cannot pass the gate: every protected pixel row is "no evidence"
     assert not result["pixel_gate"]["passed"]
     for name in PIXEL_ROWS[1:]:
@@ -162,7 +185,8 @@ def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
     assert data["curves"]["none"]["heldout_loss"]
     gi_rows = data["gradient_inversion"]["metrics"]
     assert {"gi/none", "gi/minusface", "gi/minusface vs X_p", "gi/minusface + inverter",
-            "gi-probe/none", "reference: grey guess"} <= set(gi_rows)
+            "gi-probe/none", "reference: grey guess", "gi-steps3/none",
+            "gi-steps3/minusface vs X_p"} <= set(gi_rows)
     assert "optimistic" in data["gradient_inversion"]["attacker"]
     text = report.read_text()
     assert "| minusface |" in text and "Adam lr 0.001" in text
