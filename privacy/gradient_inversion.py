@@ -169,83 +169,19 @@ class Inversion:
     seconds: float = 0.0
 
 
-def invert_gradient(model: nn.Module, head: nn.Module, labels: torch.Tensor,
-                    target_grad: dict[str, torch.Tensor], to_model_input: ToModelInput,
-                    num_images: int, *, steps: int = 48, lr: float = 0.05, tv: float = 0.01,
-                    signed: bool = True, train_mode: bool = False, seed: int = 0,
-                    side: int = 112, progress: bool = False, desc: str = "gradient inversion"
-                    ) -> Inversion:
-    """Geiping et al.'s reconstruction: B dummy images whose gradient matches `target_grad`."""
+def _match(distance: Callable[[torch.Tensor, bool], torch.Tensor], num_images: int, side: int,
+           *, steps: int, lr: float, tv: float, signed: bool, seed: int, progress: bool,
+           desc: str) -> Inversion:
+    """The optimisation both attacks share: B dummy images from a grey start, Adam(lr) on the
+    (signed) gradient of distance + tv * TV, LR / 10 at the milestones, projected onto [0, 1].
+    `distance(images, create_graph)` is 1 - cos between the observed and simulated update."""
     t0 = time.perf_counter()
-    model, head = copy.deepcopy(model), copy.deepcopy(head)
-    _set_mode(model, head, train_mode)
-    params = shared_parameters(model)
-    names = [n for n in params if n in target_grad]
-    if not names:
-        raise ValueError("invert_gradient: the observed update shares no parameter with the model")
-    plist = [params[n] for n in names]
-    target = [target_grad[n].detach().float() for n in names]
-    target_norm = torch.sqrt(sum(t.pow(2).sum() for t in target))
     gen = torch.Generator().manual_seed(seed)
     dummy = (0.5 + 0.05 * torch.randn(num_images, 3, side, side, generator=gen)).clamp(0, 1)
     dummy.requires_grad_(True)
     opt = torch.optim.Adam([dummy], lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, milestones=sorted({max(1, int(f * steps)) for f in LR_MILESTONES}), gamma=0.1)
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss_fr = F.cross_entropy(head(model(to_model_input(dummy)), labels), labels)
-        grads = torch.autograd.grad(loss_fr, plist, create_graph=True)
-        rec = _cosine_distance(grads, target, target_norm)
-        loss = rec + tv * total_variation(dummy)
-        (dummy_grad,) = torch.autograd.grad(loss, [dummy])
-        dummy.grad = dummy_grad.sign() if signed else dummy_grad
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            dummy.clamp_(0.0, 1.0)
-        losses.append(float(rec.detach()))
-        bar.update(1)
-        bar.set_postfix(grad_cos_dist=f"{losses[-1]:.4f}", refresh=False)
-    bar.close()
-    images = dummy.detach()
-    loss_fr = F.cross_entropy(head(model(to_model_input(images)), labels), labels)
-    final = torch.autograd.grad(loss_fr, plist)
-    cos = 1.0 - float(_cosine_distance(final, target, target_norm))
-    return Inversion(images=images, gradient_cosine=cos, losses=losses,
-                     seconds=time.perf_counter() - t0)
-
-
-def invert_update(model: nn.Module, head: nn.Module, labels: torch.Tensor,
-                  observed: dict[str, torch.Tensor], to_model_input: ToModelInput,
-                  num_images: int, *, local_steps: int, client_lr: float, weight_decay: float,
-                  momentum: float = 0.9, steps: int = 48, lr: float = 0.05, tv: float = 0.01,
-                  signed: bool = True, seed: int = 0, side: int = 112, progress: bool = False,
-                  desc: str = "multi-step inversion") -> Inversion:
-    """Geiping et al.'s multi-step variant: dummy images whose simulated `local_steps`-step
-    update (the client's optimiser, unrolled) matches the observed update in cosine."""
-    t0 = time.perf_counter()
-    model, head = copy.deepcopy(model), copy.deepcopy(head)
-    _set_mode(model, head, False)
-    names = [n for n in shared_parameters(model) if n in observed]
-    if not names:
-        raise ValueError("invert_update: the observed update shares no parameter with the model")
-    target = [observed[n].detach().float() for n in names]
-    target_norm = torch.sqrt(sum(t.pow(2).sum() for t in target))
-    gen = torch.Generator().manual_seed(seed)
-    dummy = (0.5 + 0.05 * torch.randn(num_images, 3, side, side, generator=gen)).clamp(0, 1)
-    dummy.requires_grad_(True)
-    opt = torch.optim.Adam([dummy], lr=lr)
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=sorted({max(1, int(f * steps)) for f in LR_MILESTONES}), gamma=0.1)
-
-    def distance(images: torch.Tensor, create_graph: bool) -> torch.Tensor:
-        sim = simulate_update(model, head, to_model_input(images), labels, client_lr,
-                              weight_decay, momentum, local_steps, create_graph=create_graph)
-        return _cosine_distance([sim[n] for n in names], target, target_norm)
-
     losses: list[float] = []
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     for _ in range(steps):
@@ -259,11 +195,63 @@ def invert_update(model: nn.Module, head: nn.Module, labels: torch.Tensor,
             dummy.clamp_(0.0, 1.0)
         losses.append(float(rec.detach()))
         bar.update(1)
+        bar.set_postfix(grad_cos_dist=f"{losses[-1]:.4f}", refresh=False)
     bar.close()
     images = dummy.detach()
     cos = 1.0 - float(distance(images, False).detach())
     return Inversion(images=images, gradient_cosine=cos, losses=losses,
                      seconds=time.perf_counter() - t0)
+
+
+def invert_gradient(model: nn.Module, head: nn.Module, labels: torch.Tensor,
+                    target_grad: dict[str, torch.Tensor], to_model_input: ToModelInput,
+                    num_images: int, *, steps: int = 48, lr: float = 0.05, tv: float = 0.01,
+                    signed: bool = True, train_mode: bool = False, seed: int = 0,
+                    side: int = 112, progress: bool = False, desc: str = "gradient inversion"
+                    ) -> Inversion:
+    """Geiping et al.'s reconstruction: B dummy images whose gradient matches `target_grad`."""
+    model, head = copy.deepcopy(model), copy.deepcopy(head)
+    _set_mode(model, head, train_mode)
+    params = shared_parameters(model)
+    names = [n for n in params if n in target_grad]
+    if not names:
+        raise ValueError("invert_gradient: the observed update shares no parameter with the model")
+    plist = [params[n] for n in names]
+    target = [target_grad[n].detach().float() for n in names]
+    target_norm = torch.sqrt(sum(t.pow(2).sum() for t in target))
+
+    def distance(images: torch.Tensor, create_graph: bool) -> torch.Tensor:
+        loss_fr = F.cross_entropy(head(model(to_model_input(images)), labels), labels)
+        grads = torch.autograd.grad(loss_fr, plist, create_graph=create_graph)
+        return _cosine_distance(grads, target, target_norm)
+
+    return _match(distance, num_images, side, steps=steps, lr=lr, tv=tv, signed=signed,
+                  seed=seed, progress=progress, desc=desc)
+
+
+def invert_update(model: nn.Module, head: nn.Module, labels: torch.Tensor,
+                  observed: dict[str, torch.Tensor], to_model_input: ToModelInput,
+                  num_images: int, *, local_steps: int, client_lr: float, weight_decay: float,
+                  momentum: float = 0.9, steps: int = 48, lr: float = 0.05, tv: float = 0.01,
+                  signed: bool = True, seed: int = 0, side: int = 112, progress: bool = False,
+                  desc: str = "multi-step inversion") -> Inversion:
+    """Geiping et al.'s multi-step variant: dummy images whose simulated `local_steps`-step
+    update (the client's optimiser, unrolled) matches the observed update in cosine."""
+    model, head = copy.deepcopy(model), copy.deepcopy(head)
+    _set_mode(model, head, False)
+    names = [n for n in shared_parameters(model) if n in observed]
+    if not names:
+        raise ValueError("invert_update: the observed update shares no parameter with the model")
+    target = [observed[n].detach().float() for n in names]
+    target_norm = torch.sqrt(sum(t.pow(2).sum() for t in target))
+
+    def distance(images: torch.Tensor, create_graph: bool) -> torch.Tensor:
+        sim = simulate_update(model, head, to_model_input(images), labels, client_lr,
+                              weight_decay, momentum, local_steps, create_graph=create_graph)
+        return _cosine_distance([sim[n] for n in names], target, target_norm)
+
+    return _match(distance, num_images, side, steps=steps, lr=lr, tv=tv, signed=signed,
+                  seed=seed, progress=progress, desc=desc)
 
 
 def attack_local_steps(model: nn.Module, head: nn.Module, inputs01: torch.Tensor,

@@ -149,22 +149,31 @@ TINY_OVERRIDES = {"inverter-epochs": 1, "aux-images": 8, "eval-images": 6, "batc
                   "linkage-width": 8, "gi-images": 2, "gi-steps": 2, "gi-probe-steps": 10}
 
 
-def test_privacy_action_replies_only_numbers(lfw_root, tmp_path):
-    from clients.client_app import app
-    from federation.privacy_round import privacy_messages, write_privacy_summary
+def _privacy_request(lfw_root, tmp_path, preset: str, privacy_preset: str, overrides: dict):
+    """(context of site 7 of a `preset` run, the server's evaluate.privacy message to it)."""
+    from federation.privacy_round import privacy_messages
     from federation.server_app import initial_arrays
     from minusface.generator import UNetGenerator
     from minusface.presets import get_preset
-    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD, STAGE2
+    from task.records import STAGE2
 
-    cfg = {"preset": "tiny", "data-path": str(lfw_root), "out-dir": str(tmp_path),
+    cfg = {"preset": preset, "data-path": str(lfw_root), "out-dir": str(tmp_path),
            "max-identities": 12, "min-nodes": 2}
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
                   state=RecordDict(), run_config=cfg)
     torch.manual_seed(0)
     gen = {f"generator.{k}": v for k, v in UNetGenerator(width=4).state_dict().items()}
-    rec = initial_arrays(STAGE2, get_preset("tiny"), 1)
-    (msg,) = privacy_messages([7], gen, rec, "tiny", 0, TINY_OVERRIDES)
+    rec = initial_arrays(STAGE2, get_preset(preset), 1)
+    (msg,) = privacy_messages([7], gen, rec, privacy_preset, 0, overrides)
+    return ctx, msg
+
+
+def test_privacy_action_replies_only_numbers(lfw_root, tmp_path):
+    from clients.client_app import app
+    from federation.privacy_round import write_privacy_summary
+    from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
+
+    ctx, msg = _privacy_request(lfw_root, tmp_path, "tiny", "tiny", TINY_OVERRIDES)
     assert msg.metadata.message_type == PRIVACY_MESSAGE_TYPE == "evaluate.privacy"
     msg = Message(msg.content, 7, PRIVACY_MESSAGE_TYPE, group_id="privacy")
     t0 = time.perf_counter()
@@ -196,24 +205,13 @@ def test_privacy_action_of_a_gpu_small_run_uses_its_privacy_preset(lfw_root, tmp
     privacy preset must fall back to privacy_preset_for(the run's preset) (task.config's
     RunConfig says which training preset; privacy.report.PRIVACY_PRESET_FOR maps it)."""
     from clients.client_app import app
-    from federation.privacy_round import privacy_messages
-    from federation.server_app import initial_arrays
-    from minusface.generator import UNetGenerator
-    from minusface.presets import get_preset
     from privacy.report import get_privacy_config, privacy_preset_for
-    from task.records import CONFIG, PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD, STAGE2
+    from task.records import CONFIG, PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
 
     with pytest.raises(ValueError, match="unknown privacy preset 'gpu-small'"):
         get_privacy_config("gpu-small")                   # what the site used to ask for
-    cfg = {"preset": "gpu-small", "data-path": str(lfw_root), "out-dir": str(tmp_path),
-           "max-identities": 12, "min-nodes": 2}
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
-                  state=RecordDict(), run_config=cfg)
-    torch.manual_seed(0)
-    gen = {f"generator.{k}": v for k, v in UNetGenerator(width=4).state_dict().items()}
-    rec = initial_arrays(STAGE2, get_preset("gpu-small"), 1)
     overrides = {**TINY_OVERRIDES, "inverter-width": 4, "judge-epochs": 1, "gi-images": 0}
-    (msg,) = privacy_messages([7], gen, rec, "unused", 0, overrides)
+    ctx, msg = _privacy_request(lfw_root, tmp_path, "gpu-small", "unused", overrides)
     conf = dict(msg.content[CONFIG])
     del conf["privacy-preset"]                             # the site must pick it itself
     msg.content[CONFIG] = ConfigRecord(conf)
