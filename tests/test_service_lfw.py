@@ -30,6 +30,7 @@ from task.bundle import read_card, read_server, read_site
 from tests.service_server import Service
 
 PAIRS = 100
+DRAWS = 6          # fresh-permutation evaluations that measure the noise
 
 pytestmark = pytest.mark.slow
 
@@ -103,20 +104,27 @@ def test_lfw_pairs_through_the_service_match_offline(run_dir, lfw_root, tmp_path
     # float16 on the wire vs float32 X_p: a small, measured difference
     e32 = emb(xp)
     offline32 = (e32[idx_a] * e32[idx_b]).sum(1).numpy()
-    # fresh permutations: the offline evaluation the run's ServerApp does
-    with torch.no_grad():
-        fresh = emb(torch.stack([client.frontend.protect(faces, register=False),
-                                 client.frontend.protect(mirror, register=False)], 1))
-    offline_fresh = (fresh[idx_a] * fresh[idx_b]).sum(1).numpy()
+    # fresh permutations: the offline evaluation the run's ServerApp does, drawn several times to
+    # measure the permutation noise itself (a smoke bundle's f_p is near chance, and its AUC
+    # swings by more than 0.15 between draws); the service's AUC is one more such draw
     folds = np.arange(len(pairs)) % 10
+    draws = []
+    for _ in range(DRAWS):
+        with torch.no_grad():
+            fresh = emb(torch.stack([client.frontend.protect(faces, register=False),
+                                     client.frontend.protect(mirror, register=False)], 1))
+        draws.append(verification_metrics((fresh[idx_a] * fresh[idx_b]).sum(1).numpy(), same,
+                                          folds=folds))
+    aucs = np.array([d["auc"] for d in draws])
     m_served = verification_metrics(served, same, folds=folds)
-    m_fresh = verification_metrics(offline_fresh, same, folds=folds)
     auc_png = roc_auc(np.array(png), same)
     print(f"\nLFW fold {cfg['eval-fold']}, {len(pairs)} pairs, tiny smoke bundle: service "
           f"accuracy {m_served['accuracy']:.4f} AUC {m_served['auc']:.4f}; offline with fresh "
-          f"permutations accuracy {m_fresh['accuracy']:.4f} AUC {m_fresh['auc']:.4f}; "
+          f"permutations, {DRAWS} draws: accuracy {np.mean([d['accuracy'] for d in draws]):.4f}, "
+          f"AUC {aucs.mean():.4f} +- {aucs.std():.4f} (range {aucs.min():.4f}-{aucs.max():.4f}); "
           f"max |service - offline same X_p| {np.abs(served - offline).max():.2e}; "
           f"max |float16 - float32 wire| {np.abs(served - offline32).max():.2e}; "
           f"PNG one view AUC {auc_png:.4f}")
-    assert abs(m_served["auc"] - m_fresh["auc"]) < 0.15       # permutation noise, not a bug
+    spread = max(4 * aucs.std(), 0.05)
+    assert abs(m_served["auc"] - aucs.mean()) < spread      # permutation noise, not a bug
     assert np.abs(served - offline32).max() < 5e-3
