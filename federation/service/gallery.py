@@ -103,10 +103,14 @@ class Gallery:
             return
         self._version = version
         mark = self._seen_max
-        rows = self._db.execute("SELECT id, subject, embedding FROM templates WHERE id > ? "
-                                "ORDER BY id", (mark,)).fetchall()
+        self._db.execute("BEGIN")          # one read snapshot for the new rows and the count
+        try:
+            rows = self._db.execute("SELECT id, subject, embedding FROM templates WHERE id > ? "
+                                    "ORDER BY id", (mark,)).fetchall()
+            total = int(self._db.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
+        finally:
+            self._db.execute("COMMIT")
         fresh = [r for r in rows if r[0] not in self._id_set]
-        total = int(self._db.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
         if total != self._n + len(fresh):            # something was deleted: start over
             self._load()
             return
