@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,10 +22,16 @@ KEEP_PREFIXES = ("DP:",)        # INFO lines a round still shows: the privacy le
 
 
 class _RoundChatter(logging.Filter):
-    """Drops INFO and DEBUG records except those starting with KEEP_PREFIXES."""
+    """Drops INFO and DEBUG records of one thread (the ServerApp's, running the strategy) except
+    those starting with KEEP_PREFIXES.  Other threads pass: in a simulation the engine shares
+    the process and logs there (e.g. its actor pool), and that is not round chatter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.INFO:
+        if record.levelno > logging.INFO or record.thread != self.thread:
             return True
         return str(record.msg).startswith(KEEP_PREFIXES)
 

@@ -42,6 +42,19 @@ def test_quiet_strategy_drops_flowers_round_chatter_but_not_warnings(flower_log)
                                 "minusfed: after the round"]
 
 
+def test_quiet_strategy_leaves_other_threads_alone(flower_log):
+    """In a simulation the engine logs from its own threads (e.g. the actor pool it builds
+    during round 1): those lines are not round chatter."""
+    import threading
+
+    with quiet_strategy():
+        engine = threading.Thread(target=log, args=(logging.DEBUG, "Constructed ActorPool with: 2 actors"))
+        engine.start()
+        engine.join()
+        log(logging.INFO, "[ROUND 1/1]")
+    assert flower_log.lines == ["Constructed ActorPool with: 2 actors"]
+
+
 def test_quiet_strategy_removes_its_filter_even_when_the_round_fails(flower_log):
     with pytest.raises(RuntimeError), quiet_strategy():
         raise RuntimeError("round failed")
