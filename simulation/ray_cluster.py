@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import json
 import os
 import shutil
@@ -106,8 +107,10 @@ def _psutil():
         import psutil
     except ImportError:
         try:
+            # ray first: importing it puts ray/thirdparty_files on sys.path (a function call,
+            # so import sorting cannot move it after the psutil import)
+            importlib.import_module("ray")
             import psutil
-            import ray  # noqa: F401 - puts ray/thirdparty_files on sys.path
         except ImportError:
             return None
     return psutil
