@@ -22,7 +22,6 @@ the same cores as the server, so concurrent numbers are those of a shared machin
 
 from __future__ import annotations
 
-import io
 import statistics
 import sys
 import tempfile
@@ -34,12 +33,7 @@ import numpy as np
 import torch
 
 from bench.common import arg_parser, markdown_table, provenance, timings
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
+from federation.service.payload import npy_bytes
 
 
 def _ms(seconds: float) -> str:
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 for b in batches:
                     x = rng.random((b, 3, 112, 112), dtype=np.float32)
                     xt = torch.from_numpy(x)
-                    body = _npy(x.astype(np.float16))
+                    body = npy_bytes(x.astype(np.float16))
 
                     def alone(xt=xt) -> None:
                         with torch.inference_mode():
@@ -146,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     embed_rows.append([b, f"{b / a:.1f}", _ms(a), _ms(j), _ms(n),
                                        f"{100 * (j - a) / a:+.0f} %", f"{100 * (n - a) / a:+.0f} %"])
             # verify under bounded concurrent load
-            face = _npy(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
+            face = npy_bytes(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
             latencies: list[float] = []
             lock = threading.Lock()
 
@@ -174,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             p50, p99 = np.percentile(latencies, [50, 99])
             # identify through the service
             with svc.http() as h:
-                one = _npy(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
+                one = npy_bytes(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
                 t_id = statistics.median(timings(lambda: h.post(
                     "/v1/identify", content=one, params={"k": 5},
                     headers={"Content-Type": "application/x-npy"}), args.iters, 1))

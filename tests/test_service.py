@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clients.recognition_client import NotProtectedError, RecognitionClient, ServiceError
+from federation.service.payload import npy_bytes
 from task.bundle import read_server
 from tests.service_server import ROOT, Service, make_bundle
 
@@ -30,12 +31,6 @@ def synthetic_faces(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, 14, 14, generator=g)
     return (F.interpolate(low, size=112, mode="bilinear", align_corners=False) * 2 - 1).clamp(-1, 1)
-
-
-def npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -157,13 +152,13 @@ def test_rejections(service, case):
     path, body, kind, params = "/v1/identify", None, "application/x-npy", {}
     status = 400
     if case == "wrong-shape":
-        body = npy(good[:, :100])
+        body = npy_bytes(good[:, :100])
     elif case == "three-views":
-        body = npy(np.stack([good] * 3))
+        body = npy_bytes(np.stack([good] * 3))
     elif case == "float64":
-        body = npy(good.astype(np.float64))
+        body = npy_bytes(good.astype(np.float64))
     elif case == "int":
-        body = npy((good * 255).astype(np.uint8))
+        body = npy_bytes((good * 255).astype(np.uint8))
     elif case == "object":                   # a pickled object array: never unpickled
         buf = io.BytesIO()
         np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
@@ -171,15 +166,15 @@ def test_rejections(service, case):
     elif case == "nan":
         bad = good.copy()
         bad[0, 0, 0] = np.nan
-        body = npy(bad)
+        body = npy_bytes(bad)
     elif case == "out-of-range":
-        body = npy(good * 2 - 1)             # a normalised raw face in [-1, 1]
+        body = npy_bytes(good * 2 - 1)             # a normalised raw face in [-1, 1]
     elif case == "truncated":
-        body = npy(good)[:-100]
+        body = npy_bytes(good)[:-100]
     elif case == "not-npy":
         body = b"hello"
     elif case == "content-type":
-        body, kind, status = npy(good), "application/octet-stream", 415
+        body, kind, status = npy_bytes(good), "application/octet-stream", 415
     elif case in ("png-size", "png-gray", "jpeg"):
         size, mode, fmt = ((100, 100), "RGB", "PNG") if case == "png-size" else \
             ((112, 112), "L", "PNG") if case == "png-gray" else ((112, 112), "RGB", "JPEG")
@@ -187,9 +182,9 @@ def test_rejections(service, case):
         Image.new(mode, size).save(buf, format=fmt)
         body, kind = buf.getvalue(), "image/png"
     elif case == "bad-subject":
-        path, body, status = "/v1/subjects/bad%20subject!/enroll", npy(good), 422
+        path, body, status = "/v1/subjects/bad%20subject!/enroll", npy_bytes(good), 422
     elif case == "k":
-        body, params, status = npy(good), {"k": 0}, 422
+        body, params, status = npy_bytes(good), {"k": 0}, 422
     with service.http() as h:
         r = h.post(path, content=body, headers={"Content-Type": kind}, params=params)
     assert r.status_code == status, r.text
@@ -208,17 +203,17 @@ def test_oversized_and_unknown_subject(service):
         r = h.post("/v1/embed", content=chunks(), headers={"Content-Type": "application/x-npy"})
         assert r.status_code == 413
         good = np.random.default_rng(1).random(XP, dtype=np.float32)
-        r = h.post("/v1/subjects/nobody-here/verify", content=npy(good),
+        r = h.post("/v1/subjects/nobody-here/verify", content=npy_bytes(good),
                    headers={"Content-Type": "application/x-npy"})
         assert r.status_code == 404 and "unknown subject" in r.json()["error"]
-        r = h.post("/v1/embed", content=npy(np.stack([good] * 65).astype(np.float16)),
+        r = h.post("/v1/embed", content=npy_bytes(np.stack([good] * 65).astype(np.float16)),
                    headers={"Content-Type": "application/x-npy"})
         assert r.status_code == 400 and "1..64" in r.json()["error"]
-        r = h.post("/v1/embed", content=npy(np.stack([good] * 3)),
+        r = h.post("/v1/embed", content=npy_bytes(np.stack([good] * 3)),
                    headers={"Content-Type": "application/x-npy"})
         assert r.status_code == 200 and len(r.json()["embeddings"]) == 3
         as_json = np.array(r.json()["embeddings"], dtype=np.float32)
-        r = h.post("/v1/embed", content=npy(np.stack([good] * 3)),
+        r = h.post("/v1/embed", content=npy_bytes(np.stack([good] * 3)),
                    headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
         assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
         as_npy = np.load(io.BytesIO(r.content), allow_pickle=False)
@@ -248,7 +243,7 @@ def test_gallery_never_holds_xp_and_logs_hold_no_payload(service, client):
 def test_gallery_survives_kill_9_mid_enroll(tmp_path, bundle):
     svc = Service(tmp_path, bundle / "server", tmp_path / "g.db").wait()
     acked, errors = [], []
-    body = npy(np.random.default_rng(2).random((2, *XP), dtype=np.float32))
+    body = npy_bytes(np.random.default_rng(2).random((2, *XP), dtype=np.float32))
 
     def enroll_forever(worker: int) -> None:
         with svc.http() as h:

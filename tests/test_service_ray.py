@@ -7,21 +7,15 @@ is refused, and SIGTERM shuts Serve and Ray down (exit 0)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from federation.service.payload import npy_bytes
 from tests.service_server import Service, make_bundle
 
 pytestmark = pytest.mark.slow
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
 
 
 def test_two_replicas_share_the_gallery_and_shut_down_cleanly(tmp_path):
@@ -36,11 +30,11 @@ def test_two_replicas_share_the_gallery_and_shut_down_cleanly(tmp_path):
         processes = set()
         with svc.http() as h:
             for i, face in enumerate(faces):
-                r = h.post(f"/v1/subjects/zq-{i}/enroll", content=_npy(face), headers=head)
+                r = h.post(f"/v1/subjects/zq-{i}/enroll", content=npy_bytes(face), headers=head)
                 assert r.status_code == 200, r.text
             for _ in range(5):                  # Serve spreads these over both replicas
                 for i, face in enumerate(faces):
-                    r = h.post("/v1/identify", content=_npy(face), headers=head, params={"k": 1})
+                    r = h.post("/v1/identify", content=npy_bytes(face), headers=head, params={"k": 1})
                     assert r.status_code == 200, r.text
                     assert r.json()["candidates"][0]["subject"] == f"zq-{i}"
                 for _ in range(4):
@@ -50,7 +44,7 @@ def test_two_replicas_share_the_gallery_and_shut_down_cleanly(tmp_path):
             r = h.delete("/v1/subjects/zq-0")
             assert r.status_code == 200
             for _ in range(6):                  # every replica sees the delete
-                r = h.post("/v1/subjects/zq-0/verify", content=_npy(faces[0]), headers=head)
+                r = h.post("/v1/subjects/zq-0/verify", content=npy_bytes(faces[0]), headers=head)
                 assert r.status_code == 404, r.text
         assert len(processes) == 2, f"one replica answered everything: {processes}"
         with svc.http(token="wrong") as h:
