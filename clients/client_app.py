@@ -7,6 +7,9 @@ SuperNode goes on with it; it never appears in any message.  Raw faces are cache
 site's own `cache-dir`.
 Message type "evaluate.privacy" (`privacy_evaluate`): the site attacks its own faces with the
 global g and replies with numbers only (clients/privacy_eval.py, federation/privacy_round.py).
+Message type "query.pooled_upload" (`pooled_upload`, stage2-mode "pooled"): one chunk of the
+site's training faces protected with the global g, as float16 X_p with pseudonymous labels
+(clients/upload.py, federation/pooled.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from logging import WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
@@ -25,14 +28,29 @@ from clients.faults import inject_fault, inject_handler_bug
 from clients.guard import outbound_guard
 from clients.local import local_evaluate, local_train, stage_models
 from clients.privacy_eval import privacy_config, site_privacy_metrics
+from clients.pseudonyms import site_pseudonyms
 from clients.site import SiteData, federation_identities, load_site, site_identities_from_folder
 from clients.site_state import cache_dir, head_file, load_head, save_head, state_dir
+from clients.upload import upload_chunk
 from minusface.precision import configure as configure_precision
 from privacy.report import privacy_preset_for
 from simulation.partition import partition_for_client
 from task.config import RunConfig, resolve_data_path, run_config
 from task.models import site_seed
-from task.records import ARRAYS, CONFIG, FROZEN_GENERATOR, PRIVACY_ACTION, PRIVACY_RECORD, STAGE2
+from task.records import (
+    ARRAYS,
+    CONFIG,
+    FROZEN_GENERATOR,
+    PRIVACY_ACTION,
+    PRIVACY_RECORD,
+    PROTECTED,
+    PROTECTED_KEY,
+    PSEUDONYMS,
+    PSEUDONYMS_KEY,
+    STAGE2,
+    UPLOAD_ACTION,
+    UPLOAD_RECORD,
+)
 from task.wire import like_received, unflatten
 
 app = ClientApp()
@@ -161,3 +179,23 @@ def privacy_evaluate(msg: Message, context: Context) -> Message:
                                    seed=seed, recognizer_state=recognizer,
                                    recognizer_preset=cfg.preset())
     return Message(RecordDict({PRIVACY_RECORD: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query(UPLOAD_ACTION, mods=[outbound_guard])
+def pooled_upload(msg: Message, context: Context) -> Message:
+    """Message type "query.pooled_upload": chunk `chunk` of this site's training faces, each
+    protected `copies` times with the global g (fresh permutations), as float16 X_p with the
+    site's pseudonymous label tokens for that upload (kept in its state-dir)."""
+    site, tag = _site(context)
+    cfg = run_config(context.run_config)
+    configure_precision(cfg.cpu_precision)
+    conf = msg.content[CONFIG]
+    names = site_pseudonyms(state_dir(context.node_config), str(conf["upload-id"]), tag,
+                            site.num_classes)
+    xp, labels, metrics = upload_chunk(
+        site, msg.content[FROZEN_GENERATOR].to_torch_state_dict(), names,
+        chunk=int(conf["chunk"]), chunk_images=int(conf["chunk-images"]),
+        copies=int(conf["copies"]))
+    return Message(RecordDict({PROTECTED: ArrayRecord({PROTECTED_KEY: Array(xp)}),
+                               PSEUDONYMS: ArrayRecord({PSEUDONYMS_KEY: Array(labels)}),
+                               UPLOAD_RECORD: MetricRecord(metrics)}), reply_to=msg)

@@ -1,8 +1,10 @@
 """Outbound privacy guard: a ClientApp mod that refuses any reply carrying more than it may.
 
 Why: the product's privacy rule is that a site sends only (1) the shared weights the server sent it,
-same keys, shapes and dtypes back, (2) a fixed set of named numeric metrics and (3) protected
-images X_p from `protect()`.  Handlers are ordinary code and can leak by mistake (returning the
+same keys, shapes and dtypes back, (2) a fixed set of named numeric metrics, (3) protected
+images X_p from `protect()` (float32, or exactly their float16 rounding) and (4), with X_p in a
+pooled-stage-2 upload, the random label tokens the site drew for them (`clients.pseudonyms`).
+Handlers are ordinary code and can leak by mistake (returning the
 full state dict with the private margin head, a debug batch of faces, the DCT residue, a face
 flattened into metrics or config strings, an exception text holding data).  This mod checks every
 reply after the handler ran and, instead of letting a bad one go, logs why on the site and sends
@@ -33,10 +35,20 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from clients.pseudonyms import all_issued
 from minusface.provenance import all_protected
-from task.records import PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
+from task.records import (
+    PRIVACY_MESSAGE_TYPE,
+    PRIVACY_RECORD,
+    PROTECTED,
+    PSEUDONYMS,
+    UPLOAD_MESSAGE_TYPE,
+    UPLOAD_METRICS,
+    UPLOAD_RECORD,
+)
 
-GUARD_ALLOWED_RECORDS = ("arrays", "protected")      # the only ArrayRecords that may ever leave
+# the only ArrayRecords that may ever leave: shared weights, X_p, and X_p's pseudonymous labels
+GUARD_ALLOWED_RECORDS = ("arrays", PROTECTED, PSEUDONYMS)
 GUARD_ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 GUARD_ERROR_REASON = "ClientApp failed; details are in the site's log"
 MAX_NAME_CHARS = 64          # of a key / record name in a refusal or log line
@@ -69,6 +81,9 @@ STRICTEST = ReplyPolicy()                             # unknown message types: n
 REPLY_POLICIES: dict[str, ReplyPolicy] = {
     "train": ReplyPolicy(frozenset({"arrays", "protected"}), {"metrics": TRAIN_METRICS}),
     "evaluate": ReplyPolicy(frozenset({"protected"}), {"metrics": EVALUATE_METRICS}),
+    # pooled stage 2: one chunk of X_p (float16) with its label tokens (clients/upload.py)
+    UPLOAD_MESSAGE_TYPE: ReplyPolicy(frozenset({PROTECTED, PSEUDONYMS}),
+                                     {UPLOAD_RECORD: frozenset(UPLOAD_METRICS)}),
 }
 
 
@@ -189,18 +204,42 @@ def _check_shared_arrays(record: ArrayRecord, sent: dict[str, Array]) -> None:
 
 
 def _check_protected(record: ArrayRecord) -> None:
-    """Only bit-exact `protect()` outputs (float32, (N, 3, 112, 112)) may leave."""
+    """Only bit-exact `protect()` outputs (float32, (N, 3, 112, 112)), or exactly their float16
+    rounding, may leave."""
     for key, array in record.items():
         shape = tuple(array.shape)
-        if (array.dtype != "float32" or len(shape) != 4 or shape[1:] != (3, IMAGE_SIDE, IMAGE_SIDE)
-                or not _payload_fits(array)):
+        if (array.dtype not in ("float32", "float16") or len(shape) != 4
+                or shape[1:] != (3, IMAGE_SIDE, IMAGE_SIDE) or not _payload_fits(array)):
             raise OutboundPolicyError(
-                f"outbound_guard: ArrayRecord 'protected' key {_name(key)} must be float32 "
-                f"(N, 3, 112, 112) and no larger, got {_cut(str(array.dtype))} {_shape(array)}")
+                f"outbound_guard: ArrayRecord 'protected' key {_name(key)} must be float32 or "
+                f"float16 (N, 3, 112, 112) and no larger, got {_cut(str(array.dtype))} "
+                f"{_shape(array)}")
         if not all_protected(array.numpy()):
             raise OutboundPolicyError(
                 f"outbound_guard: ArrayRecord 'protected' key {_name(key)} holds images that did "
                 "not come out of protect() (raw image?); refused")
+
+
+def _check_pseudonyms(record: ArrayRecord) -> None:
+    """Label arrays: int64 vectors of tokens this site drew (clients.pseudonyms), nothing else."""
+    for key, array in record.items():
+        if array.dtype != "int64" or len(tuple(array.shape)) != 1 or not _payload_fits(array):
+            raise OutboundPolicyError(
+                f"outbound_guard: ArrayRecord {_name(PSEUDONYMS)} key {_name(key)} must be an "
+                f"int64 vector, got {_cut(str(array.dtype))} {_shape(array)}")
+        if not all_issued(array.numpy()):
+            raise OutboundPolicyError(
+                f"outbound_guard: ArrayRecord {_name(PSEUDONYMS)} key {_name(key)} holds values "
+                "that are not pseudonymous tokens this site drew; refused")
+
+
+def _check_labels_match(content) -> None:
+    """An upload's labels name its images one to one."""
+    images = sum(int(a.shape[0]) for a in content[PROTECTED].values())
+    labels = sum(int(a.shape[0]) for a in content[PSEUDONYMS].values())
+    if images != labels:
+        raise OutboundPolicyError(f"outbound_guard: {labels} pseudonymous labels for {images} "
+                                  "protected images")
 
 
 def _check_metrics(name: str, record: MetricRecord, allowed: frozenset[str]) -> None:
@@ -230,6 +269,8 @@ def _check_record(name: str, record: object, policy: ReplyPolicy, incoming: Mess
     if isinstance(record, ArrayRecord) and name in policy.arrays:
         if name == "arrays":
             _check_shared_arrays(record, _incoming_arrays(incoming))
+        elif name == PSEUDONYMS:
+            _check_pseudonyms(record)
         else:
             _check_protected(record)
     elif isinstance(record, MetricRecord) and name in policy.metrics:
@@ -260,6 +301,11 @@ def check_reply(incoming: Message, reply: Message) -> None:
     policy = reply_policy(incoming.metadata.message_type)
     for name, record in content.items():
         _check_record(name, record, policy, incoming)
+    if PSEUDONYMS in content or (PROTECTED in content and PSEUDONYMS in policy.arrays):
+        if PROTECTED not in content or PSEUDONYMS not in content:
+            raise OutboundPolicyError("outbound_guard: an upload carries protected images and "
+                                      "their pseudonymous labels together or neither")
+        _check_labels_match(content)
 
 
 def failure_reply(msg: Message) -> Message:

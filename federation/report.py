@@ -22,9 +22,14 @@ from minusface.atomic import write_atomic
 from minusface.presets import Preset
 from strategy.checkpoint import numbered_jsonl
 
+UPLOAD_STAGE = "stage2-upload"         # federation/pooled.py: what one site shipped
+
 
 def _kind(rec: dict) -> str | None:
-    """Which record `rec` is: "round", "client", or None (one the report cannot show)."""
+    """Which record `rec` is: "round", "client", "upload", or None (one the report cannot
+    show)."""
+    if rec.get("stage") == UPLOAD_STAGE:
+        return "upload"
     if not isinstance(rec.get("round"), int) or not isinstance(rec.get("stage"), str):
         return None
     if "client" in rec:
@@ -45,6 +50,8 @@ def read_run_log(out_dir: Path) -> tuple[list[dict], list[dict]]:
                 "client record (round, stage, client); skipped", path, number)
         elif kind == "client":
             clients.append(rec)
+        elif kind == "upload":
+            continue                                   # read_uploads
         else:
             if rounds and rounds[-1]["round"] >= rec["round"]:
                 # trained again after resuming from an earlier checkpoint: the last try counts
@@ -54,6 +61,32 @@ def read_run_log(out_dir: Path) -> tuple[list[dict], list[dict]]:
                 clients = [c for c in clients if c["round"] < rec["round"]]
             rounds.append(rec)
     return rounds, clients
+
+
+def read_uploads(out_dir: Path) -> list[dict]:
+    """The pooled-stage-2 upload records of `out_dir`/metrics.jsonl (the last per node: a
+    restarted ServerApp writes them again)."""
+    last: dict[object, dict] = {}
+    for _, rec in numbered_jsonl(out_dir / "metrics.jsonl"):
+        if _kind(rec) == "upload":
+            last[rec.get("node")] = rec
+    return list(last.values())
+
+
+def upload_table(uploads: list[dict]) -> str:
+    """What left each site in pooled stage 2 (and what it received)."""
+    lines = ["| node | site token | complete | faces | copies | X_p shipped | label tokens | "
+             "MB sent (spooled) | MB received (upload) | messages | refused |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for u in uploads:
+        lines.append(
+            f"| {u.get('node')} | {u.get('site') or '-'} | "
+            f"{'yes' if u.get('complete') else 'no: ' + str(u.get('dropped') or 'incomplete')} | "
+            f"{u.get('faces', '-')} | {u.get('copies', '-')} | {u.get('xp_images', '-')} | "
+            f"{u.get('label_tokens', '-')} | {_fmt(u.get('spooled_bytes'), '.2f', 1e-6)} | "
+            f"{_fmt(u.get('bytes_received'), '.2f', 1e-6)} | {u.get('messages', '-')} | "
+            f"{u.get('refused', '-')} |")
+    return "\n".join(lines)
 
 
 def _fmt(value: object, spec: str, scale: float = 1.0) -> str:
@@ -181,6 +214,13 @@ def write_report(out_dir: Path, preset: Preset | None = None) -> Path:
         text += ["## ROC of the last server-side evaluation", "",
                  f"![ROC curve]({pictures['roc'].name})", "", operating_points(out_dir), ""]
     text += ["## Sites", "", client_table(clients), ""]
+    uploads = read_uploads(out_dir)
+    if uploads:
+        text += ["## Pooled stage 2: what left each site", "",
+                 "Each site shipped its training faces protected with the global g (float16 X_p, "
+                 "fresh permutations per copy) and one random label token per identity; no raw "
+                 "face, residue, name or permutation left a site. The server trained f_p on "
+                 "these X_p (Ray Train).", "", upload_table(uploads), ""]
     path = out_dir / "report.md"      # a crash leaves the old report, never half of one
     write_atomic(path, lambda f: f.write("\n".join(text).encode("utf-8")))
     return path

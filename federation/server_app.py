@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from federation.pooled import run_pooled_stage2
 from federation.privacy_round import run_privacy_round
 from federation.progress import RoundClock, quiet_strategy
 from federation.report import save_server_scores, write_report
@@ -252,12 +253,39 @@ def run_server(grid: Grid, context: Context) -> None:
 
     clock = RoundClock(plan, done)       # one progress line per round replaces Flower's blocks
     events = RunEvents(out_dir, purge_from=done + 1)    # tensorboard --logdir OUT_DIR
-    log(INFO, "minusfed: %d round(s) to run (stage 1: %d, stage 2: %d) with %d site(s)",
-        len(plan) - done, rounds[STAGE1], rounds[STAGE2], nodes)
+    pooled = cfg.stage2_mode == "pooled"
+    log(INFO, "minusfed: %d round(s) to run (stage 1: %d, stage 2: %d%s) with %d site(s)",
+        len(plan) - done, rounds[STAGE1], rounds[STAGE2],
+        ", pooled on Ray Train" if pooled else "", nodes)
+    if pooled and dp:
+        log(WARNING, "minusfed: DP covers stage 1's weight updates only; pooled stage 2 ships "
+            "X_p, which DP does not cover")
     for index, (stage, stage_round) in enumerate(plan, start=1):
         if index <= done:
             continue
         if dp and dp.budget_exhausted():                 # dp-max-epsilon: stop, keep outputs
+            break
+        if stage == STAGE2 and pooled:       # all stage-2 rounds as one pooled training
+            frozen = select(state[STAGE1], GENERATOR)
+            index = len(plan)
+            t0 = time.perf_counter()
+            state[STAGE2], metrics = run_pooled_stage2(
+                grid, out_dir, cfg, preset, frozen, store, index,
+                on_epoch=lambda m: log(INFO, "[stage 2 pooled] epoch %d/%d  loss %.3f  %.0f img/s "
+                                       "(%d worker(s))", m["epoch"], m["epochs"], m["loss"],
+                                       m["img_per_s"], m["workers"]))
+            aggregated[STAGE2] += 1
+            metrics.update({"stage_round": rounds[STAGE2], "round_seconds":
+                            time.perf_counter() - t0,
+                            **evaluator(STAGE2, preset, state[STAGE2], frozen)})
+            if evaluator.last_scores is not None:
+                save_server_scores(out_dir, index, STAGE2, evaluator.last_scores, evaluator.same)
+            store.save(index, STAGE2, {**state[STAGE2], **frozen}, metrics=metrics,
+                       extra={"made-with": made, "aggregated": dict(aggregated)})
+            done = index
+            events.round(index, metrics, [])
+            log(INFO, "minusfed: pooled stage 2 done: server accuracy %.3f, AUC %.3f",
+                metrics["server_accuracy"], metrics["server_auc"])
             break
         if stage == STAGE2 and state[STAGE2] is None:
             # freeze the aggregated g and start a fresh f_p

@@ -26,6 +26,7 @@ from minusface.backbones import BACKBONES
 from minusface.precision import MODES as CPU_PRECISIONS
 from minusface.presets import PRESETS, Preset
 from simulation.partition import SCHEMES
+from task.records import STAGE2_MODES
 from task.wire import WIRE_DTYPES
 
 AGGREGATION_RULES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
@@ -84,6 +85,14 @@ class RunConfig:
     weighting: str
     max_num_examples: int
     max_weight_ratio: float
+    # stage 2: "federated" (sites train f_p, FedAvg) or "pooled" (sites ship X_p with
+    # pseudonymous labels, the server trains f_p on Ray Train: strategy/pooled_train.py)
+    stage2_mode: str
+    protect_copies: int                # X_p per training face a site ships (pooled)
+    upload_chunk_images: int           # faces per upload message (x protect-copies X_p)
+    pooled_workers: int                # Ray Train workers (DDP)
+    pooled_gpus_per_worker: float      # 0 = CPU workers (gloo); else NCCL
+    pooled_epochs: int                 # 0 = stage2-rounds x local-epochs
     # preset overrides: 0 / "" = the preset's value
     backbone: str = _override()
     backbone_width: int = _override()
@@ -267,6 +276,12 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "wire-dtype": _one_of(tuple(WIRE_DTYPES)),
     "cpu-precision": _one_of(CPU_PRECISIONS),
     "stage1-rounds": _at_least(1),
+    "stage2-mode": _one_of(STAGE2_MODES),
+    "protect-copies": _at_least(1),
+    "upload-chunk-images": lambda v: None if 1 <= v <= 1024 else "an integer in 1..1024",  # type: ignore
+    "pooled-workers": _at_least(1),
+    "pooled-gpus-per-worker": _at_least(0.0, " (0 = CPU workers)"),
+    "pooled-epochs": _at_least(0, " (0 = stage2-rounds x local-epochs)"),
     "stage2-rounds": _at_least(0, " (0 = stage 1 only)"),
     "local-epochs": _at_least(1),
     "fraction-train": _fraction(zero_ok=False),

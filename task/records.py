@@ -8,6 +8,12 @@ Train messages hold "arrays" (the shared weights: every key is "<module>.<state-
 keys received and "metrics" with `num-examples`.  Margin heads (class centres of a site's
 identities) never appear in any record.  After training, "evaluate.privacy" asks each site to
 attack its own faces; the reply is one MetricRecord "privacy" of numbers only.
+
+Pooled stage 2 (run config stage2-mode = "pooled"): "query.pooled_upload" asks a site for one
+chunk of its training faces protected with the frozen global g ("frozen-generator"; "config":
+upload-id, chunk, chunk-images, copies).  The reply holds "protected" (key "xp": float16
+(n, 3, 112, 112), each the float16 rounding of a protect() output), "pseudonyms" (key "labels":
+int64 (n,), random per-site identity tokens made on the site) and the MetricRecord "upload".
 """
 
 STAGE1 = "stage1"
@@ -24,3 +30,16 @@ SHARED_MODULES = {STAGE1: ("generator", "recognizer"), STAGE2: ("recognizer",)}
 PRIVACY_ACTION = "privacy"
 PRIVACY_MESSAGE_TYPE = f"evaluate.{PRIVACY_ACTION}"
 PRIVACY_RECORD = "privacy"
+
+STAGE2_MODES = ("federated", "pooled")
+UPLOAD_ACTION = "pooled_upload"      # Flower: an action is a Python identifier
+UPLOAD_MESSAGE_TYPE = f"query.{UPLOAD_ACTION}"
+PROTECTED = "protected"
+PROTECTED_KEY = "xp"
+PSEUDONYMS = "pseudonyms"
+PSEUDONYMS_KEY = "labels"
+UPLOAD_RECORD = "upload"
+# what a site says about its upload: this chunk's index, how many chunks it has in all, images
+# of its own in the chunk, protected copies of each, distinct label tokens it uses, and its
+# random site token (names its spool on the server, stable across restarts of both sides)
+UPLOAD_METRICS = ("chunk", "chunks", "images", "copies", "identities", "site-token")

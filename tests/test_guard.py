@@ -126,8 +126,10 @@ def context() -> Context:
 # --------------------------------------------------------------------------- what may leave
 
 def test_exports_and_policies() -> None:
-    assert GUARD_ALLOWED_RECORDS == ("arrays", "protected")
+    assert GUARD_ALLOWED_RECORDS == ("arrays", "protected", "pseudonyms")
     train, evaluate = reply_policy("train"), reply_policy("evaluate")
+    upload = reply_policy("query.pooled_upload")
+    assert upload.arrays == {"protected", "pseudonyms"} and set(upload.metrics) == {"upload"}
     assert train.arrays == {"arrays", "protected"}
     assert dict(train.metrics) == {"metrics": TRAIN_METRICS}
     assert evaluate.arrays == {"protected"}
@@ -246,9 +248,21 @@ def test_registry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(provenance, "MAX_ENTRIES", 2)
     batch = torch.rand(3, 3, 112, 112)
     provenance.register_protected(batch)
-    assert provenance.registry_size() == 2
+    assert provenance.registry_size() == 4               # two digests per image
     assert not provenance.is_protected(batch[0].numpy())  # oldest evicted
     assert provenance.is_protected(batch[2].numpy())
+    assert provenance.is_protected(batch[2].numpy().astype(np.float16))
+
+
+def test_float16_passes_only_as_the_rounding_of_a_registered_xp() -> None:
+    batch = torch.rand(2, 3, 112, 112)
+    provenance.register_protected(batch)
+    half = batch.numpy().astype(np.float16)
+    assert provenance.all_protected(half)
+    nudged = half.copy()
+    nudged[0, 0, 0, 0] = np.nextafter(nudged[0, 0, 0, 0], np.float16(1))
+    assert not provenance.all_protected(nudged)
+    assert not provenance.all_protected(torch.rand(1, 3, 112, 112).numpy().astype(np.float16))
 
 
 def test_generator_output_conv_named_head_is_a_shared_weight():
