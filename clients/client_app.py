@@ -19,6 +19,7 @@ import time
 from logging import WARNING
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
@@ -28,7 +29,7 @@ from clients.faults import inject_fault, inject_handler_bug
 from clients.guard import outbound_guard
 from clients.local import local_evaluate, local_train, stage_models
 from clients.privacy_eval import privacy_config, site_privacy_metrics
-from clients.pseudonyms import site_pseudonyms
+from clients.pseudonyms import SitePseudonyms, site_pseudonyms
 from clients.site import SiteData, federation_identities, load_site, site_identities_from_folder
 from clients.site_state import cache_dir, head_file, load_head, save_head, state_dir
 from clients.upload import upload_chunk
@@ -181,6 +182,21 @@ def privacy_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({PRIVACY_RECORD: MetricRecord(metrics)}), reply_to=msg)
 
 
+def _pseudonym_key(conf: ConfigRecord) -> str:
+    return f"pseudonyms-{conf['upload-id']}"
+
+
+def _held_pseudonyms(context: Context, conf: ConfigRecord) -> SitePseudonyms | None:
+    """The tokens this SuperNode drew for the upload, from its context state (a deployed
+    SuperNode runs each message in a fresh ClientApp process)."""
+    key = _pseudonym_key(conf)
+    if key not in context.state:
+        return None
+    record = context.state[key]
+    return SitePseudonyms(int(record["site-token"].numpy()[0]),
+                          record["labels"].numpy().astype(np.int64))
+
+
 @app.query(UPLOAD_ACTION, mods=[outbound_guard])
 def pooled_upload(msg: Message, context: Context) -> Message:
     """Message type "query.pooled_upload": chunk `chunk` of this site's training faces, each
@@ -191,7 +207,9 @@ def pooled_upload(msg: Message, context: Context) -> Message:
     configure_precision(cfg.cpu_precision)
     conf = msg.content[CONFIG]
     names = site_pseudonyms(state_dir(context.node_config), str(conf["upload-id"]), tag,
-                            site.num_classes)
+                            site.num_classes, held=_held_pseudonyms(context, conf))
+    context.state[_pseudonym_key(conf)] = ArrayRecord(      # private: stays on the site
+        {"labels": Array(names.labels), "site-token": Array(np.array([names.site_token]))})
     xp, labels, metrics = upload_chunk(
         site, msg.content[FROZEN_GENERATOR].to_torch_state_dict(), names,
         chunk=int(conf["chunk"]), chunk_images=int(conf["chunk-images"]),

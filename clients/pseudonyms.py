@@ -7,11 +7,13 @@ for the site itself.  Tokens carry no name, no folder, no count; two sites draw 
 so a collision has probability below n^2 / 2^63 (and the server keys classes by site token and
 label token, so even a collision would not merge two people).
 
-The tokens of one upload (the server's `upload-id`) are kept in an owner-only JSON file in the
-site's state-dir (`clients.site_state`), so a restarted SuperNode labels its remaining chunks as
-before; with state-dir "off" they live only in this process.  Every token handed out is also
-recorded in a process-level set the outbound guard checks: a label array may leave only if each
-value is a token this module issued.
+The tokens of one upload (the server's `upload-id`) are kept in the SuperNode's context state
+(`held`: it survives the fresh ClientApp process a deployed SuperNode starts per message) and in
+an owner-only JSON file in the site's state-dir (`clients.site_state`), so a restarted SuperNode
+labels its remaining chunks as before; with state-dir "off", a SuperNode restart draws new
+tokens (the server then sees a new site and the old one's partial upload is not used).
+Every token handed out is also recorded in a process-level set the outbound guard checks: a
+label array may leave only if each value is a token this module issued.
 """
 
 from __future__ import annotations
@@ -93,17 +95,20 @@ def _read(path: Path, num_classes: int) -> SitePseudonyms | None:
     return SitePseudonyms(site_token, labels)
 
 
-def site_pseudonyms(folder: Path | None, upload_id: str, site: str,
-                    num_classes: int) -> SitePseudonyms:
-    """This site's tokens for `upload_id`: the ones it drew before (state-dir file or this
-    process), else fresh ones, saved owner-only before any leaves the site."""
+def site_pseudonyms(folder: Path | None, upload_id: str, site: str, num_classes: int,
+                    held: SitePseudonyms | None = None) -> SitePseudonyms:
+    """This site's tokens for `upload_id`: the ones it drew before (this process, `held` from
+    the SuperNode's context state, the state-dir file), else fresh ones, saved owner-only
+    before any leaves the site."""
     key = (upload_id, site)
     with _lock:
-        held = _in_memory.get(key)
-    if held is not None and held.labels.shape == (num_classes,):
-        return _register(held)
+        known = _in_memory.get(key)
+    if known is not None and known.labels.shape == (num_classes,):
+        return _register(known)
     path = pseudonym_file(folder, upload_id, site) if folder is not None else None
-    found = _read(path, num_classes) if path is not None else None
+    found = held if held is not None and held.labels.shape == (num_classes,) else None
+    if found is None and path is not None:
+        found = _read(path, num_classes)
     if found is None:
         found = _fresh(num_classes)
         if path is not None:

@@ -12,7 +12,8 @@ rank 0 after that epoch's checkpoint is reported).
 Checkpoints and resume go through Ray Train: every epoch rank 0 reports a checkpoint (weights in
 safetensors, the optimizer state, the epoch); a worker that dies is replaced and all workers
 continue from the latest checkpoint (`FailureConfig`); a restarted ServerApp starts the job again
-with the same storage path and name, which Ray Train resumes from its latest checkpoint.  Either
+with the same storage path and name, which Ray Train resumes from its latest checkpoint (a job
+the killed ServerApp left running is stopped first: `stop_earlier_job`).  Either
 way no finished epoch is trained again.
 
 One epoch visits every shipped X_p once (the sites' faces x protect-copies), in a new order per
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ from minusface.presets import Preset
 from .spool import PooledData
 
 JOB_FILE = "job.json"
+PID_FILE = "job.pid"
 PROGRESS = "train.jsonl"
 RESULT = "recognizer.safetensors"
 TRAIN_NAME = "train"
@@ -197,12 +200,47 @@ def run_job(job: PooledJob) -> Path:
     return out
 
 
+def _job_alive(pid: int, job_path: Path) -> bool:
+    """True if `pid` is a running `python -m strategy.pooled_train job_path` (Linux /proc)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"strategy.pooled_train" in cmdline and str(job_path).encode() in cmdline
+
+
+def stop_earlier_job(folder: Path) -> bool:
+    """Stop the training job a killed ServerApp left running on this folder (its process group:
+    the job and the local Ray it started), so a restarted ServerApp does not race it on the
+    same Ray Train storage; True if there was one."""
+    try:
+        pid = int((folder / PID_FILE).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return False
+    if not _job_alive(pid, folder / JOB_FILE):
+        return False
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _job_alive(pid, folder / JOB_FILE):
+            time.sleep(0.2)
+        if not _job_alive(pid, folder / JOB_FILE):
+            break
+    return True
+
+
 def run_pooled_training(job: PooledJob, on_epoch: Callable[[dict], None] | None = None,
                         poll_seconds: float = 2.0) -> dict[str, torch.Tensor]:
     """Run `run_job` in a child process (see the module docstring) and return f_p's state
     dict; `on_epoch` gets each epoch's metrics as the job reports them."""
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if stop_earlier_job(folder):
+        print(f"pooled training: stopped the job an earlier ServerApp left running on {folder}",
+              file=sys.stderr)
     (folder / RESULT).unlink(missing_ok=True)
     path = job.save()
     progress = folder / PROGRESS
@@ -215,6 +253,7 @@ def run_pooled_training(job: PooledJob, on_epoch: Callable[[dict], None] | None 
         proc = subprocess.Popen([sys.executable, "-m", "strategy.pooled_train", str(path)],
                                 stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
+        (folder / PID_FILE).write_text(str(proc.pid), encoding="utf-8")
         try:
             while True:
                 done = proc.poll() is not None

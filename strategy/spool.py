@@ -7,9 +7,10 @@ Layout under `<out-dir>/pooled/spool/` (one folder per site token, hex):
   <site>/chunk-000007.json         what the site said about the chunk; written last, so a chunk
                                    counts only once all three files are whole
 
-Each file is written atomically and never replaced: the first complete answer for a chunk is
-the one kept, so a chunk asked for again after a dropped connection or a restarted ServerApp
-adds nothing (the site re-protects it with new permutations; those copies are discarded).
+Each file is written atomically, owner-only (0600, folders 0700), and never replaced: the first
+complete answer for a chunk is the one kept, so a chunk asked for again after a dropped
+connection or a restarted ServerApp adds nothing (the site re-protects it with new
+permutations; those copies are discarded).
 The arrays are plain .npy read with `allow_pickle=False` and memory-mapped by the trainers, so
 several Ray Train workers on one machine share the page cache instead of holding copies.
 
@@ -148,17 +149,19 @@ class Spool:
         base = self._base(upload.site, upload.chunk)
         if base.with_suffix(".json").is_file():
             return False
-        base.parent.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        base.parent.mkdir(exist_ok=True, mode=0o700)
         for suffix, array in ((".xp.npy", upload.xp), (".labels.npy", upload.labels)):
             data = io.BytesIO()
             np.save(data, array, allow_pickle=False)
-            write_atomic(base.with_name(base.name + suffix), lambda f, b=data: f.write(b.getvalue()))
+            write_atomic(base.with_name(base.name + suffix), lambda f, b=data: f.write(b.getvalue()),
+                         mode=0o600)
         meta = {"chunk": upload.chunk, "chunks": upload.chunks, "images": upload.images,
                 "copies": upload.copies, "identities": upload.identities,
                 "xp_images": int(upload.xp.shape[0]), "bytes": upload.nbytes, "node": int(node)}
         try:
             write_atomic(base.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()),
-                         replace=False)
+                         replace=False, mode=0o600)
         except FileExistsError:
             return False                  # another answer finished first: keep that one
         return True

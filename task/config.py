@@ -277,7 +277,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "cpu-precision": _one_of(CPU_PRECISIONS),
     "stage1-rounds": _at_least(1),
     "stage2-mode": _one_of(STAGE2_MODES),
-    "protect-copies": _at_least(1),
+    "protect-copies": lambda v: None if 1 <= v <= 16 else "an integer in 1..16",  # type: ignore
     "upload-chunk-images": lambda v: None if 1 <= v <= 1024 else "an integer in 1..1024",  # type: ignore
     "pooled-workers": _at_least(1),
     "pooled-gpus-per-worker": _at_least(0.0, " (0 = CPU workers)"),

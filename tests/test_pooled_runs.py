@@ -79,17 +79,15 @@ def test_ray_train_resumes_after_a_killed_worker_and_a_killed_job(tmp_path):
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)             # one DDP worker dies
         _wait_for_epoch(tmp_path, 2, runner)            # Ray Train replaced it and went on
+        assert "Error count: 1" in (tmp_path / "train.log").read_text(errors="replace")
         time.sleep(2)                                   # inside epoch 3
-        jobs = _pids(f"strategy.pooled_train {tmp_path}/job.json")
-        assert len(jobs) == 1, jobs
-        os.killpg(jobs[0], signal.SIGKILL)              # the whole job, as with a killed server
+        assert len(_pids(f"strategy.pooled_train {tmp_path}/job.json")) == 1
+        # a restarted ServerApp (the first one "killed" while its job runs on): it stops the
+        # job left running, then Ray Train resumes from the last epoch's checkpoint
+        state = run_pooled_training(job, poll_seconds=0.5)
     finally:
         runner.join(600)
-    assert "error" in outcome and "exit -9" in str(outcome["error"])
-    assert _epochs(tmp_path) == [1, 2], "epoch 3 must not have finished before the kill"
-    assert "Error count: 1" in (tmp_path / "train.log").read_text(errors="replace")
-
-    state = run_pooled_training(job, poll_seconds=0.5)   # a restarted ServerApp
+    assert "error" in outcome and "pooled training failed" in str(outcome["error"])
     assert _epochs(tmp_path) == [1, 2, 3, 4]            # resumed at 3, no epoch repeated
     assert (tmp_path / RESULT).is_file() and state and all(k.count(".") for k in state)
     assert not any(k.startswith("head") for k in state)   # the server's head stays in its job
@@ -133,3 +131,63 @@ def test_flwr_run_pooled_stage2_four_lfw_sites_two_ray_train_workers(lfw_root, t
     report = (out / "report.md").read_text()
     assert "what left each site" in report
     assert (out / "final" / "card.json").is_file()
+
+
+class ServerKilled(BaseException):
+    """Stands for the ServerApp process dying mid-upload (not an Exception: nothing catches it)."""
+
+
+@pytest.mark.timeout(1500)
+def test_a_restarted_serverapp_asks_only_for_the_chunks_it_lacks(lfw_root, tmp_path, monkeypatch):
+    import simulation.inprocess as ip
+    from clients.pseudonyms import forget_pseudonyms
+    from tests.test_federation import tiny_config
+    out = tmp_path / "run"
+    cfg = tiny_config(lfw_root, out, **{"stage2-mode": "pooled", "pooled-workers": 2,
+                                        "upload-chunk-images": 8})
+    original = ip.InProcessGrid.send_and_receive
+    asked: list[tuple[int, int]] = []
+    budget = {"waves": 2}
+
+    def send(self, messages, *, timeout=None):
+        messages = list(messages)
+        uploads = [m for m in messages if m.metadata.message_type == "query.pooled_upload"]
+        if uploads and budget["waves"] == 0:
+            raise ServerKilled
+        if uploads:
+            budget["waves"] -= 1
+            asked.extend((m.metadata.dst_node_id, int(m.content["config"]["chunk"]))
+                         for m in uploads)
+        return original(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(ip.InProcessGrid, "send_and_receive", send)
+    with pytest.raises(ServerKilled):
+        ip.run_inprocess(cfg, 2)
+    spool = Spool(out / "pooled" / "spool")
+    before = {s: u.have for s, u in spool.sites().items()}
+    assert sorted(len(h) for h in before.values()) == [2, 2]
+    first = {s: (out / "pooled" / "spool" / s / "chunk-000001.xp.npy").read_bytes() for s in before}
+    chunks = {s: u.chunks for s, u in spool.sites().items()}
+    assert all(c > 2 for c in chunks.values())
+
+    forget_pseudonyms()                             # the sites restart too: tokens from state-dir
+    asked.clear()
+    budget["waves"] = 10**6
+    ip.run_inprocess(cfg, 2)
+    after = spool.sites()
+    assert set(after) == set(before) and all(u.complete for u in after.values())
+    # chunk 0 again per site (to learn which site a node is), then only the missing ones
+    assert len(asked) == 2 + sum(chunks[s] - 2 for s in chunks)
+    assert all(c not in (1,) for _, c in asked)
+    for s, data in first.items():                   # what was spooled stays as it was
+        assert (out / "pooled" / "spool" / s / "chunk-000001.xp.npy").read_bytes() == data
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in lines if "metrics" in r and "client" not in r]
+    assert [(r["round"], r["stage"]) for r in rounds] == [(1, "stage1"), (2, "stage2")]
+    assert rounds[-1]["metrics"]["pooled_sites"] == 2
+    # each site labelled every chunk with one token set: no identity split in two by a restart
+    for s, u in after.items():
+        tokens = set()
+        for _, label_file in spool.chunk_files(s):
+            tokens |= set(np.load(label_file, allow_pickle=False).tolist())
+        assert len(tokens) == u.identities
