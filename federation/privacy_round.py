@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from federation.report import upload_table
 from privacy.gates import best_constant, pixel_gate, pixel_verdict
 from privacy.report import PIXEL_ROWS, THREAT_SENTENCE
 from task.records import ARRAYS, CONFIG, FROZEN_GENERATOR, PRIVACY_MESSAGE_TYPE, PRIVACY_RECORD
@@ -83,10 +84,17 @@ def site_verdicts(res: Mapping[str, object]) -> tuple[str, dict[str, str]]:
                             if r in rows}
 
 
-def write_privacy_summary(results: Mapping[str, dict], out_dir: Path) -> Path:
+def write_privacy_summary(results: Mapping[str, dict], out_dir: Path,
+                          shipped: list[dict] | None = None) -> Path:
+    """`shipped`: pooled stage 2's upload records (federation.report.read_uploads), one per
+    node: what left each site besides weights, shown first and kept in its node file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    by_node = {f"node-{u.get('node')}": u for u in shipped or []}
     for node, res in results.items():
+        if node in by_node:
+            res = {**res, **{f"shipped/{k}": v for k, v in by_node[node].items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         (out / f"{node}.json").write_text(json.dumps({k: _safe(v) for k, v in res.items()},
                                                      indent=2, sort_keys=True), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(
@@ -102,6 +110,11 @@ def write_privacy_summary(results: Mapping[str, dict], out_dir: Path) -> Path:
              "0.5) and judge-scored ones are absent where the judge was below its quality bar. "
              "Rows `gi/...`: update leakage (gradient inversion, optimistic attacker given the "
              "private head and labels). [a, b]: 95 % interval over identities.", "",
+             *(["## What left each site (pooled stage 2)", "",
+                "Besides weights, each site shipped these protected images and label tokens "
+                "(float16 X_p of its training faces; the attacks below run on X_p of the same "
+                "faces made the same way, with fresh permutations, not on the shipped bytes).",
+                "", upload_table(shipped), "", "## Attacks", ""] if shipped else []),
              "| site | attack / baseline | " + " | ".join(h for _, h in SUMMARY_COLUMNS)
              + " | verdict |", "|---" * (len(SUMMARY_COLUMNS) + 3) + "|"]
     empty = " |" * (len(SUMMARY_COLUMNS) + 1)
@@ -125,7 +138,7 @@ def write_privacy_summary(results: Mapping[str, dict], out_dir: Path) -> Path:
 def run_privacy_round(grid, out_dir: str | Path, generator: Mapping[str, torch.Tensor],
                       recognizer: Mapping[str, torch.Tensor] | None, preset: str, seed: int = 0,
                       overrides: Mapping[str, object] | None = None,
-                      timeout: float | None = None) -> Path:
+                      timeout: float | None = None, shipped: list[dict] | None = None) -> Path:
     """Send "evaluate.privacy" to every node, collect the MetricRecords, write the files above.
 
     ``generator``: keys "generator.*" (as in the frozen-generator record); ``recognizer``: keys
@@ -144,4 +157,4 @@ def run_privacy_round(grid, out_dir: str | Path, generator: Mapping[str, torch.T
             results[node] = {"error": f"reply without a {PRIVACY_RECORD!r} MetricRecord"}
     for n in node_ids:
         results.setdefault(f"node-{n}", {"error": "no reply"})
-    return write_privacy_summary(results, Path(out_dir) / "privacy")
+    return write_privacy_summary(results, Path(out_dir) / "privacy", shipped)

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from federation.pooled import run_pooled_stage2
 from federation.privacy_round import run_privacy_round
 from federation.progress import RoundClock, quiet_strategy
-from federation.report import save_server_scores, write_report
+from federation.report import read_uploads, save_server_scores, write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
 from federation.service.run_bundle import write_run_bundle
@@ -348,7 +348,8 @@ def run_server(grid: Grid, context: Context) -> None:
     if cfg.privacy_eval:                            # every site attacks its own faces
         gen = frozen if frozen is not None else select(state[STAGE1], GENERATOR)
         summary = run_privacy_round(grid, out_dir, gen, state[STAGE2],
-                                    privacy_preset_for(preset.name), cfg.seed)
+                                    privacy_preset_for(preset.name), cfg.seed,
+                                    shipped=read_uploads(out_dir) if pooled else None)
         log(INFO, "minusfed: privacy evaluation %s", summary)
     try:                      # final/site, final/server, card (task/bundle.py), after privacy
         log(INFO, "minusfed: model bundle %s", write_run_bundle(out_dir, overwrite=True))

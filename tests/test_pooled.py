@@ -227,3 +227,16 @@ def test_run_config_checks_the_pooled_keys():
                      ("pooled-gpus-per-worker", -1.0)):
         with pytest.raises(ValueError, match=key):
             run_config({key: bad})
+
+
+def test_the_privacy_summary_says_what_left_each_site(tmp_path):
+    from federation.privacy_round import write_privacy_summary
+    shipped = [{"stage": "stage2-upload", "node": 5, "site": "00000000000000aa", "complete": True,
+                "faces": 30, "copies": 3, "xp_images": 90, "label_tokens": 6,
+                "spooled_bytes": 6_774_480, "bytes_received": 2_312_896, "messages": 4,
+                "refused": 0}]
+    md = write_privacy_summary({"node-5": {"privacy-skipped": 1, "n-identities": 1}}, tmp_path,
+                               shipped).read_text()
+    assert "What left each site" in md and "| 5 | 00000000000000aa | yes | 30 | 3 | 90 | 6 |" in md
+    node = json.loads((tmp_path / "node-5.json").read_text())
+    assert node["shipped/xp_images"] == 90 and node["shipped/label_tokens"] == 6
