@@ -31,7 +31,7 @@ from clients.local import local_evaluate, local_train, stage_models
 from clients.privacy_eval import privacy_config, site_privacy_metrics
 from clients.pseudonyms import SitePseudonyms, site_pseudonyms
 from clients.site import SiteData, federation_identities, load_site, site_identities_from_folder
-from clients.site_state import cache_dir, head_file, load_head, save_head, state_dir
+from clients.site_state import cache_dir, head_file, load_head, save_head, site_name, state_dir
 from clients.upload import upload_chunk
 from minusface.precision import configure as configure_precision
 from privacy.report import privacy_preset_for
@@ -48,6 +48,9 @@ from task.records import (
     PROTECTED_KEY,
     PSEUDONYMS,
     PSEUDONYMS_KEY,
+    SITE_INFO_ACTION,
+    SITE_NAME_KEY,
+    SITE_RECORD,
     STAGE2,
     UPLOAD_ACTION,
     UPLOAD_RECORD,
@@ -217,3 +220,12 @@ def pooled_upload(msg: Message, context: Context) -> Message:
     return Message(RecordDict({PROTECTED: ArrayRecord({PROTECTED_KEY: Array(xp)}),
                                PSEUDONYMS: ArrayRecord({PSEUDONYMS_KEY: Array(labels)}),
                                UPLOAD_RECORD: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query(SITE_INFO_ACTION, mods=[outbound_guard])
+def site_info(msg: Message, context: Context) -> Message:
+    """Message type "query.site_info": the name this site's operator gave it (node config
+    "site-name"), so the server's reports name sites instead of node ids; nothing else."""
+    name = site_name(context.node_config)
+    content = RecordDict({SITE_RECORD: ConfigRecord({SITE_NAME_KEY: name})} if name else {})
+    return Message(content, reply_to=msg)

@@ -14,7 +14,9 @@ are reduced to that same fixed error, so nothing the site's code wrote reaches t
 What a reply may hold depends on the message type (`REPLY_POLICIES`): named MetricRecords with
 allow-listed scalar metrics (the privacy reply's names come from
 `clients.privacy_eval.privacy_metric_names`), "arrays" / "protected" ArrayRecords where allowed,
-never a ConfigRecord; an unknown message type may reply with nothing.  The guard's scope is bugs,
+a ConfigRecord only in the reply to "query.site_info", holding exactly the site's own
+configured name (`clients.site_state.site_name`); an unknown message type may reply with
+nothing.  The guard's scope is bugs,
 not malicious code in the site's own process (which could do anything).
 
 Wire it first so it sees the final reply: `@app.train(mods=[outbound_guard])` (and on evaluate /
@@ -30,18 +32,22 @@ from functools import lru_cache
 from logging import ERROR
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from clients.pseudonyms import all_issued
+from clients.site_state import site_name
 from minusface.provenance import all_protected
 from task.records import (
     PRIVACY_MESSAGE_TYPE,
     PRIVACY_RECORD,
     PROTECTED,
     PSEUDONYMS,
+    SITE_INFO_MESSAGE_TYPE,
+    SITE_NAME_KEY,
+    SITE_RECORD,
     UPLOAD_MESSAGE_TYPE,
     UPLOAD_METRICS,
     UPLOAD_RECORD,
@@ -71,10 +77,12 @@ class OutboundPolicyError(RuntimeError):
 
 @dataclass(frozen=True)
 class ReplyPolicy:
-    """What a reply to one message type may hold: ArrayRecord names, MetricRecord name -> keys."""
+    """What a reply to one message type may hold: ArrayRecord names, MetricRecord name -> keys,
+    and (site info only) ConfigRecord name -> keys."""
 
     arrays: frozenset[str] = frozenset()
     metrics: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    configs: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 STRICTEST = ReplyPolicy()                             # unknown message types: no record at all
@@ -84,6 +92,8 @@ REPLY_POLICIES: dict[str, ReplyPolicy] = {
     # pooled stage 2: one chunk of X_p (float16) with its label tokens (clients/upload.py)
     UPLOAD_MESSAGE_TYPE: ReplyPolicy(frozenset({PROTECTED, PSEUDONYMS}),
                                      {UPLOAD_RECORD: frozenset(UPLOAD_METRICS)}),
+    # the site's configured name, nothing else (checked against its node config)
+    SITE_INFO_MESSAGE_TYPE: ReplyPolicy(configs={SITE_RECORD: frozenset({SITE_NAME_KEY})}),
 }
 
 
@@ -265,7 +275,19 @@ def _check_metadata(incoming: Message, reply: Message) -> None:
             f"(message_type {_name(got.message_type)}, group_id {_name(got.group_id)})")
 
 
-def _check_record(name: str, record: object, policy: ReplyPolicy, incoming: Message) -> None:
+def _check_site_name(name: str, record: ConfigRecord, allowed: frozenset[str],
+                     node_config: Mapping[str, object] | None) -> None:
+    """The one string that may leave: the site's own configured name, exactly."""
+    own = site_name(node_config) if node_config is not None else None
+    for key, value in record.items():
+        if key not in allowed or own is None or value != own:
+            raise OutboundPolicyError(
+                f"outbound_guard: ConfigRecord {_name(name)} key {_name(key)} is not this site's "
+                "configured name (node config 'site-name'); refused")
+
+
+def _check_record(name: str, record: object, policy: ReplyPolicy, incoming: Message,
+                  node_config: Mapping[str, object] | None = None) -> None:
     if isinstance(record, ArrayRecord) and name in policy.arrays:
         if name == "arrays":
             _check_shared_arrays(record, _incoming_arrays(incoming))
@@ -275,16 +297,20 @@ def _check_record(name: str, record: object, policy: ReplyPolicy, incoming: Mess
             _check_protected(record)
     elif isinstance(record, MetricRecord) and name in policy.metrics:
         _check_metrics(name, record, policy.metrics[name])
+    elif isinstance(record, ConfigRecord) and name in policy.configs:
+        _check_site_name(name, record, policy.configs[name], node_config)
     else:
-        allowed = sorted([*policy.arrays, *policy.metrics])
+        allowed = sorted([*policy.arrays, *policy.metrics, *policy.configs])
         raise OutboundPolicyError(
             f"outbound_guard: {type(record).__name__} {_name(name)} may not leave the site in "
             f"a reply to {_name(incoming.metadata.message_type)} (allowed records: "
-            f"{', '.join(allowed) or 'none'}; never a ConfigRecord)")
+            f"{', '.join(allowed) or 'none'}; a ConfigRecord only for the site's name)")
 
 
-def check_reply(incoming: Message, reply: Message) -> None:
+def check_reply(incoming: Message, reply: Message,
+                node_config: Mapping[str, object] | None = None) -> None:
     """Raise `OutboundPolicyError` if `reply` (to `incoming`) carries anything not allowed.
+    `node_config`: the SuperNode's, against which a site-info reply's name is checked.
 
     An error reply passes only if it is the guard's own fixed one (`failure_reply`)."""
     if reply.has_error():
@@ -300,7 +326,7 @@ def check_reply(incoming: Message, reply: Message) -> None:
         _check_image_shapes(name, record)
     policy = reply_policy(incoming.metadata.message_type)
     for name, record in content.items():
-        _check_record(name, record, policy, incoming)
+        _check_record(name, record, policy, incoming, node_config)
     if PSEUDONYMS in content or (PROTECTED in content and PSEUDONYMS in policy.arrays):
         if PROTECTED not in content or PSEUDONYMS not in content:
             raise OutboundPolicyError("outbound_guard: an upload carries protected images and "
@@ -333,7 +359,7 @@ def outbound_guard(msg: Message, context: Context, call_next: ClientAppCallable)
             _cut(str(reply.error.reason), MAX_LOGGED_REASON), GUARD_ERROR_CODE)
         return failure_reply(msg)
     try:
-        check_reply(msg, reply)
+        check_reply(msg, reply, context.node_config)
     except OutboundPolicyError as exc:
         log(ERROR, "%s; refused, the server gets only error code %d", exc, GUARD_ERROR_CODE)
         return failure_reply(msg)

@@ -38,6 +38,7 @@ import torch
 from flwr.common.logger import log
 
 from minusface.atomic import write_atomic
+from task.records import SITE_NAME_KEY, SITE_NAME_PATTERN
 
 # node-config key, environment variable, XDG variable, default under $HOME
 CACHE = ("cache-dir", "MINUSFED_CACHE_DIR", "XDG_CACHE_HOME", ".cache")
@@ -113,6 +114,24 @@ def state_dir(node_config: Mapping[str, object]) -> Path | None:
     """Where this site keeps its margin heads between SuperNode restarts, or None (not kept)."""
     path = configured_dir(node_config, *STATE)
     return private_dir(path, STATE_KEY) if path is not None else None
+
+
+def site_name(node_config: Mapping[str, object]) -> str | None:
+    """The name this site gives itself in the server's reports: node config "site-name" (1-32
+    letters, digits, "_", "." or "-", starting with a letter or digit), else "partition-<id>" in
+    a simulation, else None (the server then shows the node id).  The operator chooses it; it
+    is the one string the outbound guard lets out, and only if it equals this value."""
+    raw = node_config.get(SITE_NAME_KEY)
+    if raw is not None:
+        if isinstance(raw, str) and re.fullmatch(SITE_NAME_PATTERN, raw):
+            return raw
+        warn_once(f"site-name:{raw!r}", "node config '%s' must be 1-32 letters, digits, '_', "
+                  "'.' or '-' (starting with a letter or digit); the server will show this "
+                  "site by its node id", SITE_NAME_KEY)
+        return None
+    if "partition-id" in node_config:
+        return f"partition-{int(node_config['partition-id'])}"       # type: ignore[arg-type]
+    return None
 
 
 def head_file(folder: Path, run_id: int, site: str, stage: str) -> Path:

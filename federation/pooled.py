@@ -109,8 +109,13 @@ def _screen(reply: Message, want: NodeUpload, chunk: int, cfg: RunConfig):
                         known_chunks=want.chunks)
 
 
+def _node_name(node: int) -> str:
+    return f"node-{node}"
+
+
 def collect_uploads(grid: Grid, folder: Path, generator: Mapping[str, torch.Tensor],
-                    cfg: RunConfig, store: CheckpointStore) -> list[SiteUploads]:
+                    cfg: RunConfig, store: CheckpointStore,
+                    site_names: Callable[[int], str] = _node_name) -> list[SiteUploads]:
     """Spool every site's upload; returns the sites whose whole upload is on disk."""
     spool = Spool(folder / "spool")
     uid = upload_id(folder)
@@ -177,7 +182,8 @@ def collect_uploads(grid: Grid, folder: Path, generator: Mapping[str, torch.Tens
     complete = []
     for u in nodes.values():
         s = held.get(u.site) if u.site else None
-        record = {"stage": UPLOAD_LINE, "node": u.node, "site": u.site,
+        record = {"stage": UPLOAD_LINE, "node": u.node, "site_name": site_names(u.node),
+                  "site": u.site,
                   "complete": bool(s and s.complete and not u.dropped), "dropped": u.dropped,
                   "messages": u.messages, "refused": u.refused,
                   "bytes_sent_this_run": u.bytes_sent, "bytes_received": u.bytes_received}
@@ -241,12 +247,13 @@ def federated_evaluate(grid: Grid, recognizer: Mapping[str, torch.Tensor],
 
 def run_pooled_stage2(grid: Grid, out_dir: Path, cfg: RunConfig, preset: Preset,
                       generator: Mapping[str, torch.Tensor], store: CheckpointStore, index: int,
-                      on_epoch: Callable[[dict], None] | None = None
+                      on_epoch: Callable[[dict], None] | None = None,
+                      site_names: Callable[[int], str] = _node_name
                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Uploads, Ray Train, federated evaluation; returns (f_p as "recognizer.*", metrics)."""
     folder = pooled_folder(out_dir)
     t0 = time.perf_counter()
-    sites = collect_uploads(grid, folder, generator, cfg, store)
+    sites = collect_uploads(grid, folder, generator, cfg, store, site_names)
     upload_seconds = time.perf_counter() - t0
     if not sites:
         raise RuntimeError("pooled stage 2: no site completed its upload (see the "

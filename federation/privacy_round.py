@@ -85,9 +85,11 @@ def site_verdicts(res: Mapping[str, object]) -> tuple[str, dict[str, str]]:
 
 
 def write_privacy_summary(results: Mapping[str, dict], out_dir: Path,
-                          shipped: list[dict] | None = None) -> Path:
+                          shipped: list[dict] | None = None,
+                          labels: Mapping[str, str] | None = None) -> Path:
     """`shipped`: pooled stage 2's upload records (federation.report.read_uploads), one per
-    node: what left each site besides weights, shown first and kept in its node file."""
+    node: what left each site besides weights, shown first and kept in its node file.
+    `labels`: "node-<id>" -> the site's name, shown in the table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_node = {f"node-{u.get('node')}": u for u in shipped or []}
@@ -118,7 +120,9 @@ def write_privacy_summary(results: Mapping[str, dict], out_dir: Path,
              "| site | attack / baseline | " + " | ".join(h for _, h in SUMMARY_COLUMNS)
              + " | verdict |", "|---" * (len(SUMMARY_COLUMNS) + 3) + "|"]
     empty = " |" * (len(SUMMARY_COLUMNS) + 1)
-    for node, res in results.items():
+    labels = dict(labels or {})
+    for key, res in results.items():
+        node = labels.get(key, key)
         if "error" in res:
             lines.append(f"| {node} | error: {res['error']} |" + empty)
             continue
@@ -138,7 +142,8 @@ def write_privacy_summary(results: Mapping[str, dict], out_dir: Path,
 def run_privacy_round(grid, out_dir: str | Path, generator: Mapping[str, torch.Tensor],
                       recognizer: Mapping[str, torch.Tensor] | None, preset: str, seed: int = 0,
                       overrides: Mapping[str, object] | None = None,
-                      timeout: float | None = None, shipped: list[dict] | None = None) -> Path:
+                      timeout: float | None = None, shipped: list[dict] | None = None,
+                      site_names=None) -> Path:
     """Send "evaluate.privacy" to every node, collect the MetricRecords, write the files above.
 
     ``generator``: keys "generator.*" (as in the frozen-generator record); ``recognizer``: keys
@@ -157,4 +162,6 @@ def run_privacy_round(grid, out_dir: str | Path, generator: Mapping[str, torch.T
             results[node] = {"error": f"reply without a {PRIVACY_RECORD!r} MetricRecord"}
     for n in node_ids:
         results.setdefault(f"node-{n}", {"error": "no reply"})
-    return write_privacy_summary(results, Path(out_dir) / "privacy", shipped)
+    labels = ({f"node-{n}": f"{site_names(n)} (node {n})" for n in node_ids}
+              if site_names is not None else None)
+    return write_privacy_summary(results, Path(out_dir) / "privacy", shipped, labels)

@@ -75,12 +75,12 @@ def read_uploads(out_dir: Path) -> list[dict]:
 
 def upload_table(uploads: list[dict]) -> str:
     """What left each site in pooled stage 2 (and what it received)."""
-    lines = ["| node | site token | complete | faces | copies | X_p shipped | label tokens | "
+    lines = ["| site | site token | complete | faces | copies | X_p shipped | label tokens | "
              "MB sent (spooled) | MB received (upload) | messages | refused |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in uploads:
         lines.append(
-            f"| {u.get('node')} | {u.get('site') or '-'} | "
+            f"| {u.get('site_name') or u.get('node')} | {u.get('site') or '-'} | "
             f"{'yes' if u.get('complete') else 'no: ' + str(u.get('dropped') or 'incomplete')} | "
             f"{u.get('faces', '-')} | {u.get('copies', '-')} | {u.get('xp_images', '-')} | "
             f"{u.get('label_tokens', '-')} | {_fmt(u.get('spooled_bytes'), '.2f', 1e-6)} | "
@@ -112,7 +112,7 @@ def round_table(rounds: list[dict]) -> str:
 
 
 def client_table(clients: list[dict]) -> str:
-    lines = ["| round | stage | node | phase | accepted | examples | metrics |",
+    lines = ["| round | stage | site | phase | accepted | examples | metrics |",
              "|---|---|---|---|---|---|---|"]
     for rec in clients:
         c = rec["client"]
@@ -120,7 +120,8 @@ def client_table(clients: list[dict]) -> str:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())
                           if isinstance(v, float) and k != "num-examples")
         problems = c.get("problems") if isinstance(c.get("problems"), list) else []
-        lines.append(f"| {rec['round']} | {rec['stage']} | {c.get('node_id')} | {c.get('phase', '')} | "
+        site = c.get("site") or c.get("node_id")
+        lines.append(f"| {rec['round']} | {rec['stage']} | {site} | {c.get('phase', '')} | "
                      f"{'yes' if c.get('accepted', True) else 'no: ' + '; '.join(map(str, problems))} | "
                      f"{m.get('num-examples', '')} | {shown} |")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from federation.report import read_uploads, save_server_scores, write_report
 from federation.runtime_link import harden_runtime_link
 from federation.server_eval import ServerEvaluator
 from federation.service.run_bundle import write_run_bundle
+from federation.site_names import ASK_TIMEOUT, SiteNames
 from federation.tensorboard import RunEvents
 from minusface.atomic import write_atomic
 from minusface.precision import configure as configure_precision
@@ -219,6 +220,8 @@ def run_server(grid: Grid, context: Context) -> None:
         {**cfg.to_flower(), "data-path": str(data_path), "num-clients": nodes}, indent=2,
         sort_keys=True))
     evaluator = ServerEvaluator(data_path, cfg.eval_fold, cfg.server_eval_pairs)
+    names = SiteNames(out_dir, timeout=min(ASK_TIMEOUT, cfg.round_timeout))
+    names.refresh(grid)                    # reports name sites, not node ids
 
     frozen: dict[str, torch.Tensor] | None = None
     done = 0
@@ -270,7 +273,7 @@ def run_server(grid: Grid, context: Context) -> None:
             index = len(plan)
             t0 = time.perf_counter()
             state[STAGE2], metrics = run_pooled_stage2(
-                grid, out_dir, cfg, preset, frozen, store, index,
+                grid, out_dir, cfg, preset, frozen, store, index, site_names=names,
                 on_epoch=lambda m: log(INFO, "[stage 2 pooled] epoch %d/%d  loss %.3f  %.0f img/s "
                                        "(%d worker(s))", m["epoch"], m["epochs"], m["loss"],
                                        m["img_per_s"], m["workers"]))
@@ -323,9 +326,11 @@ def run_server(grid: Grid, context: Context) -> None:
         store.save(index, stage, saved, metrics=metrics,
                    extra={"made-with": made, "aggregated": dict(aggregated)})
         done = index
-        for entry in result.report.replies:          # every reply, accepted or not, with why
+        names.refresh(grid, [e["node_id"] for e in result.report.replies])
+        replies = [{**e, "site": names(e["node_id"])} for e in result.report.replies]
+        for entry in replies:                        # every reply, accepted or not, with why
             store.append_metrics({"round": index, "stage": stage, "client": entry})
-        events.round(index, metrics, result.report.replies)
+        events.round(index, metrics, replies)
         clock.record(stage, time.perf_counter() - t0)     # training, server eval, checkpoint
         log(INFO, "%s", clock.line(index, stage, stage_round, metrics))
 
@@ -349,7 +354,8 @@ def run_server(grid: Grid, context: Context) -> None:
         gen = frozen if frozen is not None else select(state[STAGE1], GENERATOR)
         summary = run_privacy_round(grid, out_dir, gen, state[STAGE2],
                                     privacy_preset_for(preset.name), cfg.seed,
-                                    shipped=read_uploads(out_dir) if pooled else None)
+                                    shipped=read_uploads(out_dir) if pooled else None,
+                                    site_names=names)
         log(INFO, "minusfed: privacy evaluation %s", summary)
     try:                      # final/site, final/server, card (task/bundle.py), after privacy
         log(INFO, "minusfed: model bundle %s", write_run_bundle(out_dir, overwrite=True))

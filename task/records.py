@@ -43,3 +43,12 @@ UPLOAD_RECORD = "upload"
 # of its own in the chunk, protected copies of each, distinct label tokens it uses, and its
 # random site token (names its spool on the server, stable across restarts of both sides)
 UPLOAD_METRICS = ("chunk", "chunks", "images", "copies", "identities", "site-token")
+
+# A site's name in reports: at the start of a run "query.site_info" asks each node; the reply is
+# one ConfigRecord "site" {"site-name": NAME}, NAME being the SuperNode's node-config
+# "site-name" (partition-<id> in a simulation); the guard lets exactly that string out.
+SITE_INFO_ACTION = "site_info"
+SITE_INFO_MESSAGE_TYPE = f"query.{SITE_INFO_ACTION}"
+SITE_RECORD = "site"
+SITE_NAME_KEY = "site-name"
+SITE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}"

@@ -95,6 +95,9 @@ def test_inprocess_federation_checkpoints_resumes_and_rejects_bad_updates(
     rounds = [r for r in lines if "client" not in r]
     assert [(r["round"], r["stage"]) for r in rounds] == [(1, STAGE1), (2, STAGE2)]
     assert (out / "final" / "generator.pt").exists() and (out / "report.md").exists()
+    # sites by name (query.site_info): partition-<id> in a simulation, in every client line
+    assert {r["client"]["site"] for r in lines if "client" in r} == {"partition-0", "partition-1"}
+    assert "| partition-0 |" in (out / "report.md").read_text()
 
     # every round aggregated honest replies, and each aggregate moved the global weights
     assert_honest_replies_accepted(out, every=True)
