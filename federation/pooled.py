@@ -266,7 +266,7 @@ def run_pooled_stage2(grid: Grid, out_dir: Path, cfg: RunConfig, preset: Preset,
     job = PooledJob(spool=str(folder / "spool"), sites=sorted(s.site for s in sites),
                     preset=preset.to_dict(), epochs=epochs, seed=cfg.seed + 1,
                     workers=cfg.pooled_workers, gpus_per_worker=cfg.pooled_gpus_per_worker,
-                    folder=str(folder))
+                    folder=str(folder), cpu_precision=cfg.cpu_precision)
     log(INFO, "minusfed: pooled stage 2: %d X_p of %d site(s), %d epoch(s) on Ray Train with %d "
         "worker(s)", sum(s.xp_images for s in sites), len(sites), epochs, cfg.pooled_workers)
     t1 = time.perf_counter()

@@ -23,6 +23,7 @@ the LR follows the preset's milestones over the epochs, as federated stage 2 doe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,8 +41,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minusface.backbones import build_backbone
+from minusface.heads import build_head
 from minusface.losses import recognition_loss
 from minusface.optim import build_optimizer, lr_factor
+from minusface.precision import NATIVE, Plan, training_plan
+from minusface.precision import configure as configure_precision
 from minusface.presets import Preset
 
 from .spool import PooledData
@@ -66,6 +70,7 @@ class PooledJob:
     gpus_per_worker: float
     folder: str                    # <out-dir>/pooled: progress, result, Ray Train storage
     max_failures: int = 3
+    cpu_precision: str = "auto"    # minusface.precision on CPU workers; $MINUSFED_CPU_PRECISION wins
 
     def save(self) -> Path:
         path = Path(self.folder) / JOB_FILE
@@ -78,7 +83,6 @@ class PooledModel(nn.Module):
 
     def __init__(self, preset: Preset, num_classes: int) -> None:
         super().__init__()
-        from minusface.heads import build_head
         self.recognizer = build_backbone(preset.backbone, 3, width=preset.backbone_width)
         self.head = build_head(preset.head, 512, num_classes, s=preset.head_s, m=preset.head_m)
 
@@ -97,6 +101,26 @@ def epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarr
     order = np.random.default_rng(seed * 1000 + epoch).permutation(n)
     share = n // world
     return order[rank::world][:share]
+
+
+def _plan(job: PooledJob, model: PooledModel, device: torch.device, num_classes: int,
+          batch: int) -> Plan:
+    """CPU workers run f_p's step as minusface.precision measured fastest (float32 or bf16,
+    the same choice and cache entry as federated stage 2's step); GPUs use bf16 autocast."""
+    if device.type != "cpu":
+        return NATIVE
+    configure_precision(job.cpu_precision)
+
+    def step(m, x, y):
+        return recognition_loss(m["recognizer"], m["head"], x, y)[0]
+    return training_plan("stage2", step, {"recognizer": model.recognizer, "head": model.head}, 3,
+                         num_classes, batch)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def train_loop(config: dict) -> None:
@@ -122,6 +146,8 @@ def train_loop(config: dict) -> None:
                                                  weights_only=True))
             start = json.loads(Path(folder, "progress.json").read_text())["epoch"] + 1
     device = get_device()
+    plan = _plan(job, model, device, data.num_classes, max(2, preset.batch_size // world))
+    plan.prepare(model.recognizer, model.head)
     ddp = prepare_model(model)
     batch = max(2, preset.batch_size // world)
     for epoch in range(start, job.epochs):
@@ -134,7 +160,9 @@ def train_loop(config: dict) -> None:
         t0, total = time.perf_counter(), 0.0
         for s in range(steps):
             x, y = data.batch(rows[s * batch:(s + 1) * batch])
-            loss = ddp(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            x = plan.layout(torch.from_numpy(x).to(device))
+            with _autocast(device), plan.autocast():
+                loss = ddp(x, torch.from_numpy(y).to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch + 1}, "
                                          f"step {s + 1}; lower the learning rate")
