@@ -33,7 +33,7 @@ from federation.privacy_round import run_privacy_round
 from federation.progress import RoundClock, quiet_strategy
 from federation.report import read_uploads, save_server_scores, write_report
 from federation.runtime_link import harden_runtime_link
-from federation.server_eval import ServerEvaluator
+from federation.server_eval import server_evaluator
 from federation.service.run_bundle import write_run_bundle
 from federation.site_names import ASK_TIMEOUT, SiteNames
 from federation.tensorboard import RunEvents
@@ -47,7 +47,7 @@ from strategy import CheckpointStore, make_strategy
 from strategy.checkpoint import METRICS, CheckpointError, array_mismatches
 from strategy.dp import DpRun, dp_settings
 from task.bundle import BundleError
-from task.config import RunConfig, resolve_data_path, run_config
+from task.config import RunConfig, run_config
 from task.models import GENERATOR, generator_from_arrays, initial_arrays, lr_for_round
 from task.records import FROZEN_GENERATOR, STAGE1, STAGE2
 from task.wire import from_wire, select, to_wire
@@ -197,7 +197,7 @@ def run_server(grid: Grid, context: Context) -> None:
     preset = cfg.preset()                  # the named preset with the run's overrides
     out_dir = resolve_out_dir(cfg.out_dir, context.run_id)
     store = CheckpointStore(out_dir)
-    data_path = resolve_data_path(cfg.data_path)
+    evaluator, data_path = server_evaluator(cfg)     # None: no LFW at the server, no benchmark
     min_nodes = cfg.min_nodes
     wire = cfg.wire_dtype                  # float16 halves the bytes; the master copy stays float32
     rounds = {STAGE1: cfg.stage1_rounds, STAGE2: cfg.stage2_rounds}
@@ -217,9 +217,8 @@ def run_server(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, min_nodes)
     # what later tools (privacy-eval --run DIR) need to rebuild the sites' partition
     (out_dir / "run_config.json").write_text(json.dumps(
-        {**cfg.to_flower(), "data-path": str(data_path), "num-clients": nodes}, indent=2,
+        {**cfg.to_flower(), "data-path": str(data_path or ""), "num-clients": nodes}, indent=2,
         sort_keys=True))
-    evaluator = ServerEvaluator(data_path, cfg.eval_fold, cfg.server_eval_pairs)
     names = SiteNames(out_dir, timeout=min(ASK_TIMEOUT, cfg.round_timeout))
     names.refresh(grid)                    # reports name sites, not node ids
 
@@ -288,7 +287,8 @@ def run_server(grid: Grid, context: Context) -> None:
             done = index
             events.round(index, metrics, [])
             log(INFO, "minusfed: pooled stage 2 done: server accuracy %.3f, AUC %.3f",
-                metrics["server_accuracy"], metrics["server_auc"])
+                metrics.get("server_accuracy", float("nan")),
+                metrics.get("server_auc", float("nan")))
             break
         if stage == STAGE2 and state[STAGE2] is None:
             # freeze the aggregated g and start a fresh f_p

@@ -8,16 +8,19 @@ would, then embedded by the global f_p.
 
 from __future__ import annotations
 
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.common.logger import log
 
 from clients.data import FaceDataset, pair_index, read_pairs
 from minusface.eval import embed, pair_scores, verification_metrics
 from minusface.precision import embed_context
 from minusface.presets import Preset
 from minusface.trainer import build_models
+from task.config import RunConfig, resolve_data_path
 from task.models import generator_from_arrays
 from task.records import STAGE1
 from task.wire import load_shared
@@ -68,3 +71,31 @@ class ServerEvaluator:
                 "server_auc": m["auc"], "server_tar_at_far_1e-2": m["tar_at_far"][0.01]["tar"],
                 "server_tar_at_far_1e-3": m["tar_at_far"][0.001]["tar"],
                 "server_eval_pairs": self.num_pairs}
+
+
+class NoServerBenchmark:
+    """A run without the server-side benchmark: no LFW folder at the server (a deployment whose
+    operator holds none).  Rounds then carry no server_* metrics."""
+
+    last_scores = None
+    same = None
+
+    def __call__(self, *args: object, **kwargs: object) -> dict[str, float]:
+        return {}
+
+
+def server_evaluator(cfg: RunConfig) -> tuple[ServerEvaluator | NoServerBenchmark, Path | None]:
+    """The server-side benchmark of this run and its LFW folder; without one (run config
+    data-path unset and no LFW at $MINUSFED_DATA or the default place) the run goes on without
+    it, with a warning.  A data-path the run config names but that is not there is an error."""
+    try:
+        path = resolve_data_path(cfg.data_path)
+    except FileNotFoundError as e:
+        if cfg.data_path:
+            raise
+        log(WARNING, "minusfed: no server-side benchmark (%s). Rounds are scored by the sites' "
+            "own evaluation only; to score the global model on held-out LFW pairs after every "
+            "round, set run config data-path to an LFW folder (lfw_112_centercrop layout, "
+            "README 'Data').", e)
+        return NoServerBenchmark(), None
+    return ServerEvaluator(path, cfg.eval_fold, cfg.server_eval_pairs), path

@@ -243,3 +243,31 @@ def test_wire_dtype_is_validated():
     from task.config import run_config
     with pytest.raises(ValueError, match="wire-dtype"):
         run_config({"wire-dtype": "bfloat16"})
+
+
+@pytest.mark.slow      # a whole in-process federation
+def test_a_server_without_lfw_runs_without_its_benchmark(lfw_root, tmp_path, monkeypatch):
+    """Sites with their own folders, no LFW at the server: the run completes, scored by the
+    sites only; a data-path the run config names but that is missing still fails."""
+    import task.config
+    from simulation.inprocess import run_inprocess
+    from tests.test_deploy_rehearsal import _people, _site_folder
+    people = _people(lfw_root, 12)
+    sites = [{"data-path": str(_site_folder(lfw_root, tmp_path / f"site{i}", people[6 * i:6 * i + 6])),
+              "partition-id": i} for i in range(2)]
+    monkeypatch.delenv("MINUSFED_DATA", raising=False)
+    monkeypatch.setattr(task.config, "DEFAULT_DATA", tmp_path / "no-lfw-here")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    cfg = tiny_config(lfw_root, out)
+    cfg["data-path"] = ""
+    run_inprocess(cfg, 2, sites)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in lines if "client" not in r]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all("server_accuracy" not in r["metrics"] for r in rounds)
+    assert all("clients_evaluate_accuracy" in r["metrics"] for r in rounds)
+    assert (out / "report.md").is_file()
+    with pytest.raises(FileNotFoundError, match="data-path"):
+        run_inprocess(tiny_config(lfw_root, tmp_path / "run2", **{"data-path": str(tmp_path / "x")}),
+                      2, sites)

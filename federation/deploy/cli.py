@@ -21,6 +21,7 @@ from typing import Any
 from .app_digest import AppDigestError, app_digest
 from .keys import make_ca_and_server_cert, make_node_keys
 from .local import commands_for_sites, deploy_local
+from .plan import SITE_PORT_BASE, write_plan
 
 # flwr.common.config.parse_config_args: key=value pairs, values TOML-typed (strings quoted)
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
@@ -102,6 +103,22 @@ def _cmd_local(args: argparse.Namespace) -> int:
     return 0 if result.completed else 1
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        run_config = parse_run_config(args.run_config)
+        made = write_plan(args.out, args.sites, args.host, args.port, args.app, run_config,
+                          args.site_port_base)
+    except (OSError, ValueError, AppDigestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = made["out"]
+    print(f"wrote the deployment for {args.sites} site(s) to {out}:")
+    for f in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"  {f.relative_to(out)}")
+    print(f"who gets what: {out / 'HOSTS.md'}")
+    return 0
+
+
 def _cmd_app_digest(args: argparse.Namespace) -> int:
     try:
         digest = app_digest(Path(args.app))
@@ -149,6 +166,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="SuperLink state in memory instead of DIR/state.db (avoids SQLite "
                         "'database is locked' errors on an overloaded machine)")
     p.set_defaults(func=_cmd_local)
+
+    p = sub.add_parser("plan", help="write every file and script an operator hands out "
+                       "(certificates, keys, digest, flwr connection, per-host scripts)")
+    p.add_argument("out", metavar="OUT", help="a new or empty folder")
+    p.add_argument("--sites", type=int, required=True)
+    p.add_argument("--host", required=True, help="the SuperLink's name or IP as the sites see it")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--app", default=".", help="the minusfed release (app folder) to pin and run")
+    p.add_argument("--site-port-base", type=int, default=SITE_PORT_BASE,
+                   help="site i's local ClientApp port is this + i")
+    p.add_argument("--run-config", action="append", metavar='"k=v ..."',
+                   help="run config for run.sh (min-nodes defaults to --sites)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("app-digest", help="the content digest a site pins (only that app runs)",
                        description="Build the app's FAB in memory the way `flwr run` does (or "
