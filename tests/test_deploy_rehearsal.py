@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -88,8 +89,9 @@ def test_the_documented_deployment_runs_on_loopback(lfw_root, tmp_path):
         time.sleep(5)
         run = subprocess.run(["bash", str(plan / "run.sh")], env=env, capture_output=True,
                              text=True, timeout=1500)
-        listing = run.stdout[run.stdout.rindex('{\n'):] if '{\n' in run.stdout else run.stdout
-        runs = json.loads(listing)["runs"]
+        starts = [m.start() for m in re.finditer(r"^\{$", run.stdout, re.M)]   # flwr ls JSON
+        assert starts, run.stdout[-3000:] + run.stderr[-2000:]
+        runs = json.loads(run.stdout[starts[-1]:])["runs"]
         status = runs[-1]["status"]
         logs = "".join((tmp_path / f).read_text(errors="replace")[-1500:]
                        for f in ("superlink.log", "site-0.log", "site-1.log"))
