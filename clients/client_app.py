@@ -58,6 +58,8 @@ from task.records import (
 from task.wire import like_received, unflatten
 
 app = ClientApp()
+# node config: "refuse" (anything but "allow") and this site never ships X_p in pooled stage 2
+POOLED_UPLOAD_KEY = "pooled-upload"
 
 
 def _site(context: Context) -> tuple[SiteData, str]:
@@ -205,6 +207,9 @@ def pooled_upload(msg: Message, context: Context) -> Message:
     """Message type "query.pooled_upload": chunk `chunk` of this site's training faces, each
     protected `copies` times with the global g (fresh permutations), as float16 X_p with the
     site's pseudonymous label tokens for that upload (kept in its state-dir)."""
+    if str(context.node_config.get(POOLED_UPLOAD_KEY, "allow")).lower() != "allow":
+        raise PermissionError(f"node config {POOLED_UPLOAD_KEY!r} is not \"allow\": this site "
+                              "ships no protected faces (pooled stage 2 refused)")
     site, tag = _site(context)
     cfg = run_config(context.run_config)
     configure_precision(cfg.cpu_precision)

@@ -102,8 +102,9 @@ def _screen(reply: Message, want: NodeUpload, chunk: int, cfg: RunConfig):
         xp = content[PROTECTED][PROTECTED_KEY].numpy()
         labels = content[PSEUDONYMS][PSEUDONYMS_KEY].numpy()
         said = dict(content[UPLOAD_RECORD])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UploadError(f"reply lacks {PROTECTED}/{PSEUDONYMS}/{UPLOAD_RECORD} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - whatever a hostile reply holds, it is refused
+        raise UploadError(f"reply lacks a readable {PROTECTED}/{PSEUDONYMS}/{UPLOAD_RECORD} "
+                          f"({type(e).__name__})") from None
     return check_upload(xp, labels, said, chunk=chunk, chunk_images=cfg.upload_chunk_images,
                         copies=cfg.protect_copies, max_images=cfg.max_num_examples,
                         known_chunks=want.chunks)

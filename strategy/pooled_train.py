@@ -133,6 +133,9 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     preset = _preset(job.preset)
     data = PooledData(job.spool, job.sites)
+    if len(data) < 2 * world:
+        raise ValueError(f"{len(data)} X_p in the spool: each of the {world} workers needs at "
+                         "least 2 per step (BatchNorm)")
     torch.manual_seed(job.seed)
     model = PooledModel(preset, data.num_classes)
     optimizer = build_optimizer([model.recognizer, model.head], lr=preset.lr,

@@ -268,6 +268,7 @@ def test_a_server_without_lfw_runs_without_its_benchmark(lfw_root, tmp_path, mon
     assert all("server_accuracy" not in r["metrics"] for r in rounds)
     assert all("clients_evaluate_accuracy" in r["metrics"] for r in rounds)
     assert (out / "report.md").is_file()
+    assert not (out / "final" / "server").exists()       # no pairs to calibrate thresholds on
     with pytest.raises(FileNotFoundError, match="data-path"):
         run_inprocess(tiny_config(lfw_root, tmp_path / "run2", **{"data-path": str(tmp_path / "x")}),
                       2, sites)

@@ -240,3 +240,12 @@ def test_the_privacy_summary_says_what_left_each_site(tmp_path):
     assert "What left each site" in md and "| 5 | 00000000000000aa | yes | 30 | 3 | 90 | 6 |" in md
     node = json.loads((tmp_path / "node-5.json").read_text())
     assert node["shipped/xp_images"] == 90 and node["shipped/label_tokens"] == 6
+
+
+def test_a_site_can_refuse_to_ship_its_faces(lfw_root):
+    from clients.client_app import app
+    from clients.guard import GUARD_ERROR_REASON
+    ctx = _context(lfw_root, 0)
+    ctx.node_config["pooled-upload"] = "refuse"
+    reply = app(_ask(0), ctx)
+    assert reply.has_error() and reply.error.reason == GUARD_ERROR_REASON

@@ -83,7 +83,12 @@ def _rescore(run_dir: Path, run_cfg: dict, preset: Preset, generator_state: dict
     from minusface.weights import build_generator
     from task.config import resolve_data_path
 
-    data = resolve_data_path(str(run_cfg.get("data-path", "")))
+    try:
+        data = resolve_data_path(str(run_cfg.get("data-path", "")))
+    except FileNotFoundError as e:
+        raise BundleError(f"{run_dir}: no held-out pairs to calibrate the verification "
+                          f"thresholds ({e}); the bundle needs an LFW folder at the server "
+                          "(run config data-path)") from None
     pairs = ServerEvaluator(data, int(run_cfg.get("eval-fold", 0)),
                             int(run_cfg.get("server-eval-pairs", 0)))
     frontend = MinusFaceFrontend(generator=build_generator(generator_state)).eval()
