@@ -80,7 +80,7 @@ def made_with(cfg: RunConfig, preset: Preset) -> dict[str, object]:
     """The run-config values that shape the models; every checkpoint records them."""
     return {"preset": preset.name, "seed": cfg.seed, "wire-dtype": cfg.wire_dtype,
             "stage1-rounds": cfg.stage1_rounds, "stage2-rounds": cfg.stage2_rounds,
-            **cfg.preset_overrides()}
+            "stage2-mode": cfg.stage2_mode, **cfg.preset_overrides()}
 
 
 def check_fresh_out_dir(out_dir: Path) -> None:
@@ -180,6 +180,7 @@ def final_meta(made: dict, plan: list[tuple[str, int]], done: int, aggregated: d
     """How final/ was made, stored in its files so `protect` can tell an untrained g."""
     finished = plan[:done]
     return {"preset": made["preset"], "seed": made["seed"], "wire-dtype": made["wire-dtype"],
+            "stage2-mode": made.get("stage2-mode", "federated"),
             **{f"{s}-rounds-planned": made[f"{s}-rounds"] for s in (STAGE1, STAGE2)},
             **{f"{s}-rounds-completed": sum(1 for st, _ in finished if st == s)
                for s in (STAGE1, STAGE2)},
@@ -268,7 +269,9 @@ def run_server(grid: Grid, context: Context) -> None:
         if dp and dp.budget_exhausted():                 # dp-max-epsilon: stop, keep outputs
             break
         if stage == STAGE2 and pooled:       # all stage-2 rounds as one pooled training
-            frozen = select(state[STAGE1], GENERATOR)
+            # g of stage 1's last round (a resume from a federated stage-2 checkpoint holds it
+            # as `frozen`: its stage-1 arrays are not restored)
+            frozen = frozen if frozen is not None else select(state[STAGE1], GENERATOR)
             index = len(plan)
             t0 = time.perf_counter()
             state[STAGE2], metrics = run_pooled_stage2(

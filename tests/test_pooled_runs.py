@@ -191,3 +191,34 @@ def test_a_restarted_serverapp_asks_only_for_the_chunks_it_lacks(lfw_root, tmp_p
         for _, label_file in spool.chunk_files(s):
             tokens |= set(np.load(label_file, allow_pickle=False).tolist())
         assert len(tokens) == u.identities
+
+
+@pytest.mark.timeout(1500)
+def test_switching_a_federated_run_to_pooled_keeps_its_trained_generator(lfw_root, tmp_path,
+                                                                        monkeypatch):
+    """A run resumed from a federated stage-2 checkpoint with stage2-mode = "pooled": the sites
+    protect with the run's stage-1 g (the checkpoint's frozen g), never a fresh one."""
+    import torch
+
+    import simulation.inprocess as ip
+    from tests.test_federation import tiny_config
+    out = tmp_path / "run"
+    ip.run_inprocess(tiny_config(lfw_root, out), 2)                 # stage 1 + 1 federated round
+    trained = {k: v for k, v in torch.load(out / "checkpoint.pt", weights_only=True)["arrays"]
+               .items() if k.startswith("generator.")}
+    sent: list[dict] = []
+    original = ip.InProcessGrid.send_and_receive
+
+    def record(self, messages, *, timeout=None):
+        messages = list(messages)
+        sent.extend(m.content["frozen-generator"].to_torch_state_dict() for m in messages
+                    if m.metadata.message_type == "query.pooled_upload")
+        return original(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(ip.InProcessGrid, "send_and_receive", record)
+    ip.run_inprocess(tiny_config(lfw_root, out, **{"stage2-rounds": 2, "stage2-mode": "pooled",
+                                                   "upload-chunk-images": 64}), 2)
+    assert sent and all(set(g) == set(trained) and all(torch.equal(g[k], trained[k]) for k in g)
+                        for g in sent)
+    card = json.loads((out / "final" / "card.json").read_text())
+    assert "pooled" in json.dumps(card)
