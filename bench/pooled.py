@@ -37,13 +37,14 @@ from bench.common import (
     provenance,
     site_configs,
 )
+from federation.pooled import array_bytes
 from federation.report import read_run_log
 from minusface.presets import PRESETS, get_preset
 from strategy.pooled_train import PROGRESS, PooledJob, run_pooled_training
 
 
 def _array_bytes(records) -> int:
-    return sum(len(a.data) for rec in records.values() for a in rec.values())
+    return sum(array_bytes(rec) for rec in records.values())
 
 
 @contextmanager

@@ -69,8 +69,7 @@ def _fresh(num_classes: int) -> SitePseudonyms:
     tokens: set[int] = set()
     while len(tokens) < num_classes:
         tokens.add(new_token())
-    return SitePseudonyms(new_token(), np.array(sorted(tokens, key=lambda _: secrets.randbits(32)),
-                                                dtype=np.int64))
+    return SitePseudonyms(new_token(), np.array(list(tokens), dtype=np.int64))
 
 
 def pseudonym_file(folder: Path, upload_id: str, site: str) -> Path:

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from minusface.presets import Preset
 from strategy.checkpoint import CheckpointStore
@@ -45,6 +46,7 @@ from task.records import (
     ARRAYS,
     CONFIG,
     FROZEN_GENERATOR,
+    NUM_EXAMPLES,
     PROTECTED,
     PROTECTED_KEY,
     PSEUDONYMS,
@@ -92,7 +94,8 @@ class NodeUpload:
     dropped: str = ""
 
 
-def _bytes(record: ArrayRecord) -> int:
+def array_bytes(record: ArrayRecord) -> int:
+    """Serialized bytes of an ArrayRecord's arrays (what goes over the wire)."""
     return sum(len(a.data) for a in record.values())
 
 
@@ -121,7 +124,7 @@ def collect_uploads(grid: Grid, folder: Path, generator: Mapping[str, torch.Tens
     spool = Spool(folder / "spool")
     uid = upload_id(folder)
     g = ArrayRecord(to_wire(generator, cfg.wire_dtype))
-    g_bytes = _bytes(g)
+    g_bytes = array_bytes(g)
     nodes = {int(n): NodeUpload(int(n)) for n in sorted(grid.get_node_ids())}
     t0 = time.perf_counter()
     while True:
@@ -168,7 +171,8 @@ def collect_uploads(grid: Grid, folder: Path, generator: Mapping[str, torch.Tens
                         "replies; its faces are not used", n, u.failures)
                 continue
             u.failures = 0
-            u.bytes_sent += _bytes(reply.content[PROTECTED]) + _bytes(reply.content[PSEUDONYMS])
+            u.bytes_sent += (array_bytes(reply.content[PROTECTED])
+                             + array_bytes(reply.content[PSEUDONYMS]))
             spool.put(upload, n)
             if u.site is None:
                 u.site, u.chunks = upload.site, upload.chunks
@@ -223,26 +227,23 @@ def federated_evaluate(grid: Grid, recognizer: Mapping[str, torch.Tensor],
     nodes = sorted(grid.get_node_ids())
     messages = [Message(content, dst_node_id=int(n), message_type="evaluate",
                         group_id=f"pooled-evaluate-{index}") for n in nodes]
-    totals: dict[str, float] = {}
-    weight = 0
-    replied = 0
+    accepted: list[RecordDict] = []
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         if reply.has_error() or "metrics" not in reply.content:
             continue
         m = dict(reply.content["metrics"])
-        n = m.get("num-examples")
+        n = m.get(NUM_EXAMPLES)
         values = {k: m.get(k) for k in EVALUATE_KEYS}
         if (isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= cfg.max_num_examples
                 or not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1
                            for v in values.values())):
-            continue
-        replied += 1
-        weight += n
-        for k, v in values.items():
-            totals[k] = totals.get(k, 0.0) + n * float(v)
-    out: dict[str, float] = {f"clients_evaluate_{k}": v / weight for k, v in totals.items()
-                             } if weight else {}
-    out["clients_evaluate_replied"] = replied
+            continue                                # screened out, as in federated rounds
+        accepted.append(RecordDict({"metrics": MetricRecord({NUM_EXAMPLES: n, **values})}))
+    # Flower's own example-weighted mean, as FedAvg gives federated rounds
+    out: dict[str, float] = ({f"clients_evaluate_{k}": float(v) for k, v in
+                              aggregate_metricrecords(accepted, NUM_EXAMPLES).items()}
+                             if accepted else {})
+    out["clients_evaluate_replied"] = len(accepted)
     return out
 
 
@@ -283,5 +284,5 @@ def run_pooled_stage2(grid: Grid, out_dir: Path, cfg: RunConfig, preset: Preset,
     return state, metrics
 
 
-__all__ = ["collect_uploads", "federated_evaluate", "pooled_folder", "run_pooled_stage2",
-           "site_name", "upload_id"]
+__all__ = ["array_bytes", "collect_uploads", "federated_evaluate", "pooled_folder",
+           "run_pooled_stage2", "site_name", "upload_id"]

@@ -175,13 +175,18 @@ def train_step(models: Models, faces: torch.Tensor, labels: torch.Tensor,
         else:
             loss, parts = stage2_loss(models.frontend, models.recognizer, models.head, faces,
                                       labels, rng=rng)
+    optimizer_step(loss, optimizer, str(parts))
+    return parts
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Backward and one optimizer step; a non-finite loss stops training, saying `where`."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite training loss {float(loss)} ({parts}); "
+        raise FloatingPointError(f"non-finite training loss {float(loss)} ({where}); "
                                  f"lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return parts
 
 
 def train_epoch(models: Models, images: np.ndarray, labels: np.ndarray, preset: Preset,

@@ -47,6 +47,7 @@ from minusface.optim import build_optimizer, lr_factor
 from minusface.precision import NATIVE, Plan, training_plan
 from minusface.precision import configure as configure_precision
 from minusface.presets import Preset
+from minusface.trainer import optimizer_step
 
 from .spool import PooledData
 
@@ -166,12 +167,7 @@ def train_loop(config: dict) -> None:
             x = plan.layout(torch.from_numpy(x).to(device))
             with _autocast(device), plan.autocast():
                 loss = ddp(x, torch.from_numpy(y).to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch + 1}, "
-                                         f"step {s + 1}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(loss, optimizer, f"epoch {epoch + 1}, step {s + 1}")
             total += float(loss)
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "epochs": job.epochs, "loss": total / steps, "lr": lr,

@@ -249,3 +249,29 @@ def test_a_site_can_refuse_to_ship_its_faces(lfw_root):
     ctx.node_config["pooled-upload"] = "refuse"
     reply = app(_ask(0), ctx)
     assert reply.has_error() and reply.error.reason == GUARD_ERROR_REASON
+
+
+def test_pooled_f_p_is_evaluated_at_the_sites_with_an_example_weighted_mean(lfw_root, monkeypatch):
+    import simulation.inprocess as ip
+    from federation.pooled import federated_evaluate
+    from task.config import run_config
+    from task.models import initial_arrays as fresh
+    cfg = {"preset": "tiny", "data-path": str(lfw_root), "max-identities": 12}
+    _, client_app = ip.load_apps()
+    grid = ip.InProcessGrid(client_app, 2, cfg)
+    replies: list[dict] = []
+    original = ip.InProcessGrid.send_and_receive
+
+    def record(self, messages, *, timeout=None):
+        out = list(original(self, messages, timeout=timeout))
+        replies.extend(dict(r.content["metrics"]) for r in out)
+        return out
+
+    monkeypatch.setattr(ip.InProcessGrid, "send_and_receive", record)
+    got = federated_evaluate(grid, fresh("stage2", get_preset("tiny"), 1), _generator(),
+                             run_config(cfg), index=2)
+    assert got["clients_evaluate_replied"] == 2 == len(replies)
+    total = sum(r["num-examples"] for r in replies)
+    for key in ("accuracy", "auc", "tar_at_far_1e-2"):
+        mean = sum(r[key] * r["num-examples"] for r in replies) / total
+        assert got[f"clients_evaluate_{key}"] == pytest.approx(mean)
