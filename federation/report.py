@@ -18,6 +18,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from federation import curves
+from federation.init_bundle import read_start
 from minusface.atomic import write_atomic
 from minusface.presets import Preset
 from strategy.checkpoint import numbered_jsonl
@@ -206,6 +207,18 @@ def write_report(out_dir: Path, preset: Preset | None = None) -> Path:
             "Server-side benchmark: LFW View 2 pairs of the evaluation fold (identities no site "
             "holds), protected with the global g exactly as a site would (stage 2). LFW, "
             "centre-cropped, not aligned, trained on LFW only.", ""]
+    start = read_start(out_dir)
+    if start:
+        before = start.get("server-eval-as-loaded") or {}
+        acc, auc = before.get("server_accuracy"), before.get("server_auc")
+        text += ["## Started from a trained bundle", "",
+                 f"No stage 1: g is the bundle's, frozen; stage 2 started from its f_p. Bundle "
+                 f"`{start.get('path')}` (preset `{start.get('preset')}`, commit "
+                 f"`{start.get('commit')}`, written {start.get('written-at')}"
+                 f"{'; a SMOKE bundle' if start.get('smoke') else ''}). "
+                 + (f"Server-side benchmark of the bundle as loaded, before round 1: accuracy "
+                    f"{_fmt(acc, '.4f')}, AUC {_fmt(auc, '.4f')}." if before else
+                    "No server-side benchmark (no LFW at the server)."), ""]
     if "accuracy" in pictures:
         text += [f"![server accuracy and AUC per round]({pictures['accuracy'].name})", ""]
     if "loss" in pictures:

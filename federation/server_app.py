@@ -29,6 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from federation.pooled import run_pooled_stage2
+from federation.init_bundle import InitBundle, load_init_bundle, record_start
 from federation.privacy_round import run_privacy_round
 from federation.progress import RoundClock, quiet_strategy
 from federation.report import read_uploads, save_server_scores, write_report
@@ -76,11 +77,18 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> int:
         time.sleep(0.5)
 
 
+def planned_rounds(cfg: RunConfig) -> dict[str, int]:
+    """Rounds per stage: a run started from a bundle has no stage 1 (its g comes trained)."""
+    return {STAGE1: 0 if cfg.init_bundle else cfg.stage1_rounds, STAGE2: cfg.stage2_rounds}
+
+
 def made_with(cfg: RunConfig, preset: Preset) -> dict[str, object]:
     """The run-config values that shape the models; every checkpoint records them."""
+    rounds = planned_rounds(cfg)
     return {"preset": preset.name, "seed": cfg.seed, "wire-dtype": cfg.wire_dtype,
-            "stage1-rounds": cfg.stage1_rounds, "stage2-rounds": cfg.stage2_rounds,
-            "stage2-mode": cfg.stage2_mode, **cfg.preset_overrides()}
+            "stage1-rounds": rounds[STAGE1], "stage2-rounds": rounds[STAGE2],
+            "stage2-mode": cfg.stage2_mode, "init-bundle": cfg.init_bundle,
+            **cfg.preset_overrides()}
 
 
 def check_fresh_out_dir(out_dir: Path) -> None:
@@ -176,11 +184,13 @@ def source_commit() -> str | None:
 
 
 def final_meta(made: dict, plan: list[tuple[str, int]], done: int, aggregated: dict[str, int],
-               out_dir: Path) -> dict[str, object]:
-    """How final/ was made, stored in its files so `protect` can tell an untrained g."""
+               out_dir: Path, init: InitBundle | None = None) -> dict[str, object]:
+    """How final/ was made, stored in its files so `protect` can tell an untrained g (a run
+    started from a bundle counts the bundle's stage-1 rounds: its g is the bundle's)."""
     finished = plan[:done]
     return {"preset": made["preset"], "seed": made["seed"], "wire-dtype": made["wire-dtype"],
             "stage2-mode": made.get("stage2-mode", "federated"),
+            **({"init-bundle": init.summary} if init else {}),
             **{f"{s}-rounds-planned": made[f"{s}-rounds"] for s in (STAGE1, STAGE2)},
             **{f"{s}-rounds-completed": sum(1 for st, _ in finished if st == s)
                for s in (STAGE1, STAGE2)},
@@ -201,10 +211,12 @@ def run_server(grid: Grid, context: Context) -> None:
     evaluator, data_path = server_evaluator(cfg)     # None: no LFW at the server, no benchmark
     min_nodes = cfg.min_nodes
     wire = cfg.wire_dtype                  # float16 halves the bytes; the master copy stays float32
-    rounds = {STAGE1: cfg.stage1_rounds, STAGE2: cfg.stage2_rounds}
+    rounds = planned_rounds(cfg)
     plan = [(s, r) for s in (STAGE1, STAGE2) for r in range(1, rounds[s] + 1)]
     state = {STAGE1: initial_arrays(STAGE1, preset, cfg.seed), STAGE2: None}
     made = made_with(cfg, preset)
+    # a bundle that does not fit the run's preset stops the run before anything is written
+    init = load_init_bundle(cfg.init_bundle, preset) if cfg.init_bundle else None
     # before anything in out-dir is written: a checkpoint this config cannot continue (or an
     # earlier run's outputs without one) stops the run here, with nothing overwritten
     ck = store.latest()
@@ -226,6 +238,10 @@ def run_server(grid: Grid, context: Context) -> None:
     frozen: dict[str, torch.Tensor] | None = None
     done = 0
     aggregated = {STAGE1: 0, STAGE2: 0}    # rounds whose aggregate changed the model
+    if init is not None:                   # stage 1 happened in the bundle's own run
+        frozen, state[STAGE1] = init.generator, dict(init.generator)
+        state[STAGE2] = init.recognizer
+        aggregated[STAGE1] = init.stage1_aggregated
     if ck is not None:
         done = int(ck["round"])
         arrays = ck["arrays"]
@@ -254,6 +270,13 @@ def run_server(grid: Grid, context: Context) -> None:
     if dp and done:
         dp.resume()
 
+    if init is not None and done == 0:     # the bundle as it came, on the same benchmark
+        as_loaded = evaluator(STAGE2, preset, state[STAGE2], frozen)
+        record_start(out_dir, init, as_loaded)
+        log(INFO, "minusfed: starting from bundle %s (preset %s, %d stage-1 round(s)): no stage 1, "
+            "g frozen; server accuracy as loaded %.3f, AUC %.3f", init.path, init.card.get("preset"),
+            init.stage1_aggregated, as_loaded.get("server_accuracy", float("nan")),
+            as_loaded.get("server_auc", float("nan")))
     clock = RoundClock(plan, done)       # one progress line per round replaces Flower's blocks
     events = RunEvents(out_dir, purge_from=done + 1)    # tensorboard --logdir OUT_DIR
     pooled = cfg.stage2_mode == "pooled"
@@ -342,7 +365,7 @@ def run_server(grid: Grid, context: Context) -> None:
         dp.finish()
     final = out_dir / "final"
     final.mkdir(exist_ok=True)
-    meta = final_meta(made, plan, done, aggregated, out_dir)
+    meta = final_meta(made, plan, done, aggregated, out_dir, init)
     if meta["stage1-rounds-aggregated"] == 0:
         log(WARNING, "minusfed: no stage-1 round changed g: %s is an UNTRAINED generator",
             final / "generator.pt")

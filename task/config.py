@@ -93,6 +93,9 @@ class RunConfig:
     pooled_workers: int                # Ray Train workers (DDP)
     pooled_gpus_per_worker: float      # 0 = CPU workers (gloo); else NCCL
     pooled_epochs: int                 # 0 = stage2-rounds x local-epochs
+    # "" = train from scratch; else a bundle (absolute path): no stage 1, its g frozen, stage 2
+    # fine-tunes its f_p (federation/init_bundle.py)
+    init_bundle: str
     # preset overrides: 0 / "" = the preset's value
     backbone: str = _override()
     backbone_width: int = _override()
@@ -186,6 +189,10 @@ def run_config(raw: Mapping[str, object]) -> RunConfig:
                                      ) == "mobilefacenet":
         raise ValueError(f"run config 'backbone-width': expected 0 with backbone mobilefacenet "
                          f"(its width is fixed), got {values['backbone-width']!r}")
+    if values["init-bundle"] and values["stage2-rounds"] == 0:
+        raise ValueError("run config 'stage2-rounds': expected >= 1 with init-bundle (a run "
+                         "started from a bundle has no stage 1; stage 2 fine-tunes its f_p), "
+                         "got 0")
     for key, normalize in _named_choices().items():
         try:
             values[key] = normalize(str(values[key]))
@@ -233,6 +240,12 @@ def _out_dir(value: object) -> str | None:
     text = str(value)     # relative would depend on where the SuperLink/ServerApp happens to run
     ok = text == "" or Path(text).is_absolute()
     return None if ok else '"" (runs/flwr-run-<id>) or an absolute path'
+
+
+def _init_bundle(value: object) -> str | None:
+    text = str(value)     # read by the ServerApp, wherever the SuperLink happens to run it
+    ok = text == "" or Path(text).is_absolute()
+    return None if ok else '"" (train from scratch) or the absolute path of a bundle folder'
 
 
 def _positive_finite(value: object) -> str | None:
@@ -287,6 +300,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "fraction-train": _fraction(zero_ok=False),
     "fraction-evaluate": _fraction(zero_ok=True),        # 0 = no client evaluation
     "out-dir": _out_dir,
+    "init-bundle": _init_bundle,
     "min-nodes": _at_least(1),
     "eval-fold": lambda v: None if 0 <= v <= 9 else "an LFW View 2 fold, 0..9",  # type: ignore
     "partition-scheme": _one_of(tuple(SCHEMES)),

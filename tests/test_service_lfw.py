@@ -3,9 +3,9 @@
 The ServerApp of an in-process tiny run writes final/ as a bundle; the bundle's server half is
 served over HTTPS with a token; one image of each held-out pair is enrolled and the other
 verified by the site client.  The service's scores equal f_p's offline scores of the same X_p
-(float tolerance), and its accuracy/AUC differ from an offline evaluation with fresh
-permutations only by the permutation noise (printed; a tiny run is near chance, so the numbers
-are smoke-scale: they check the path, not the model).
+(float tolerance), so its accuracy/AUC are those of an offline evaluation of the same X_p; the
+spread of offline evaluations with fresh permutations is printed next to them (a tiny run is near
+chance, so the numbers are smoke-scale: they check the path, not the model).
 """
 
 from __future__ import annotations
@@ -125,6 +125,10 @@ def test_lfw_pairs_through_the_service_match_offline(run_dir, lfw_root, tmp_path
           f"max |service - offline same X_p| {np.abs(served - offline).max():.2e}; "
           f"max |float16 - float32 wire| {np.abs(served - offline32).max():.2e}; "
           f"PNG one view AUC {auc_png:.4f}")
-    spread = max(4 * aucs.std(), 0.05)
-    assert abs(m_served["auc"] - aucs.mean()) < spread      # permutation noise, not a bug
+    # the service's metrics are exactly the offline metrics of the X_p it was sent; how far that
+    # one draw lies from the fresh-permutation draws is printed, not asserted: a smoke bundle's
+    # f_p is near chance and one draw of 100 pairs landed 5 std below six others (CI, stop 25)
+    m_offline = verification_metrics(offline, same, folds=folds)
+    assert m_served["auc"] == pytest.approx(m_offline["auc"], abs=1e-3)
+    assert m_served["accuracy"] == pytest.approx(m_offline["accuracy"], abs=0.02)
     assert np.abs(served - offline32).max() < 5e-3
