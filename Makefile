@@ -27,7 +27,7 @@ test-slow: $(VENV)/.installed
 	MINUSFED_DATA="$(DATA)" $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	MINUSFED_DATA="$(DATA)" $(PY) -m minusfed.demo --data "$(DATA)"
+	MINUSFED_DATA="$(DATA)" $(PY) -m minusfed.demo --data "$(DATA)" $(if $(BUNDLE),--bundle "$(BUNDLE)")
 
 clean:
 	rm -rf $(VENV) .pytest_cache
