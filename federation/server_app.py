@@ -28,8 +28,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from federation.pooled import run_pooled_stage2
 from federation.init_bundle import InitBundle, load_init_bundle, record_start
+from federation.pooled import run_pooled_stage2
 from federation.privacy_round import run_privacy_round
 from federation.progress import RoundClock, quiet_strategy
 from federation.report import read_uploads, save_server_scores, write_report

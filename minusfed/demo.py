@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from clients.protect_dir import protect_directory
     from federation.report import PICTURES, final_summary
-    from task.bundle import is_smoke
     from minusface.frontend import MinusFaceFrontend
     from minusface.weights import load_generator
     from simulation.launch import run_simulation
+    from task.bundle import is_smoke
     from task.config import run_config
 
     data = args.data.resolve()
