@@ -247,12 +247,25 @@ def federated_evaluate(grid: Grid, recognizer: Mapping[str, torch.Tensor],
     return out
 
 
+def _save_initial(folder: Path, initial: Mapping[str, torch.Tensor]) -> str:
+    """The starting f_p as a safetensors file the training process reads (no pickle)."""
+    from safetensors.torch import save_file
+
+    path = folder / "init_recognizer.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k.removeprefix("recognizer."): v.contiguous() for k, v in initial.items()},
+              str(path))
+    return str(path)
+
+
 def run_pooled_stage2(grid: Grid, out_dir: Path, cfg: RunConfig, preset: Preset,
                       generator: Mapping[str, torch.Tensor], store: CheckpointStore, index: int,
                       on_epoch: Callable[[dict], None] | None = None,
-                      site_names: Callable[[int], str] = _node_name
+                      site_names: Callable[[int], str] = _node_name,
+                      initial: Mapping[str, torch.Tensor] | None = None
                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Uploads, Ray Train, federated evaluation; returns (f_p as "recognizer.*", metrics)."""
+    """Uploads, Ray Train, federated evaluation; returns (f_p as "recognizer.*", metrics).
+    `initial` ("recognizer.*"): the f_p training starts from (init-bundle), else a fresh one."""
     folder = pooled_folder(out_dir)
     t0 = time.perf_counter()
     sites = collect_uploads(grid, folder, generator, cfg, store, site_names)
@@ -268,7 +281,8 @@ def run_pooled_stage2(grid: Grid, out_dir: Path, cfg: RunConfig, preset: Preset,
     job = PooledJob(spool=str(folder / "spool"), sites=sorted(s.site for s in sites),
                     preset=preset.to_dict(), epochs=epochs, seed=cfg.seed + 1,
                     workers=cfg.pooled_workers, gpus_per_worker=cfg.pooled_gpus_per_worker,
-                    folder=str(folder), cpu_precision=cfg.cpu_precision)
+                    folder=str(folder), cpu_precision=cfg.cpu_precision,
+                    init_recognizer=_save_initial(folder, initial) if initial else "")
     log(INFO, "minusfed: pooled stage 2: %d X_p of %d site(s), %d epoch(s) on Ray Train with %d "
         "worker(s)", sum(s.xp_images for s in sites), len(sites), epochs, cfg.pooled_workers)
     t1 = time.perf_counter()

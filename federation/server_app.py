@@ -301,7 +301,8 @@ def run_server(grid: Grid, context: Context) -> None:
                 grid, out_dir, cfg, preset, frozen, store, index, site_names=names,
                 on_epoch=lambda m: log(INFO, "[stage 2 pooled] epoch %d/%d  loss %.3f  %.0f img/s "
                                        "(%d worker(s))", m["epoch"], m["epochs"], m["loss"],
-                                       m["img_per_s"], m["workers"]))
+                                       m["img_per_s"], m["workers"]),
+                initial=init.recognizer if init is not None else None)
             aggregated[STAGE2] += 1
             metrics.update({"stage_round": rounds[STAGE2], "round_seconds":
                             time.perf_counter() - t0,

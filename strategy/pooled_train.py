@@ -72,6 +72,7 @@ class PooledJob:
     folder: str                    # <out-dir>/pooled: progress, result, Ray Train storage
     max_failures: int = 3
     cpu_precision: str = "auto"    # minusface.precision on CPU workers; $MINUSFED_CPU_PRECISION wins
+    init_recognizer: str = ""      # safetensors of a starting f_p (run config init-bundle); "" = fresh
 
     def save(self) -> Path:
         path = Path(self.folder) / JOB_FILE
@@ -149,6 +150,8 @@ def train_loop(config: dict) -> None:
             optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"),
                                                  weights_only=True))
             start = json.loads(Path(folder, "progress.json").read_text())["epoch"] + 1
+    elif job.init_recognizer:          # the bundle's f_p; the margin head is new (new classes)
+        model.recognizer.load_state_dict(load_file(job.init_recognizer), strict=True)
     device = get_device()
     plan = _plan(job, model, device, data.num_classes, max(2, preset.batch_size // world))
     plan.prepare(model.recognizer, model.head)

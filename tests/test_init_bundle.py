@@ -119,3 +119,23 @@ def test_a_bundle_of_another_architecture_stops_the_run_before_anything_is_writt
     with pytest.raises(BundleError, match=r"generator-width 4 \(the run's preset 'tiny' gives 6\)"):
         run(tiny(lfw_root, out, **{"init-bundle": str(trained), "generator-width": 6}))
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_pooled_stage2_from_a_bundle_trains_from_its_f_p(trained: Path, lfw_root: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(tiny(lfw_root, out, **{"init-bundle": str(trained), "stage2-mode": "pooled",
+                               "pooled-workers": 1, "protect-copies": 1, "seed": 7}))
+    job = json.loads((out / "pooled" / "job.json").read_text())
+    assert job["init_recognizer"].endswith("init_recognizer.safetensors")
+    start_fp = flatten({"recognizer": read_server(trained).recognizer})
+    end_fp = flatten({"recognizer": read_server(out / "final").recognizer})
+    fresh = initial_arrays(STAGE2, PRESETS["tiny"], 7 + 1)
+    weights = [k for k in start_fp if start_fp[k].is_floating_point() and start_fp[k].dim() > 1]
+
+    def dist(a: dict, b: dict) -> float:
+        return float(sum((a[k] - b[k]).pow(2).sum() for k in weights))
+    assert 0 < dist(end_fp, start_fp) < dist(end_fp, fresh) / 10
+    for k, v in read_site(trained).generator.state_dict().items():
+        assert torch.equal(v, read_site(out / "final").generator.state_dict()[k]), k
