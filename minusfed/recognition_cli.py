@@ -1,4 +1,4 @@
-"""`minusfed bundle inspect|from-run` and the site's `minusfed enroll|verify|identify`.
+"""`minusfed bundle inspect|from-run|int8` and the site's `minusfed enroll|verify|identify`.
 
 The site commands protect every face locally (fresh CSPRNG permutations) and send only X_p to
 a recognition service started with `minusfed serve` (federation/service/).  Subject ids for
@@ -44,6 +44,53 @@ def _cmd_from_run(args: argparse.Namespace) -> int:
     if warning:
         print(f"{BANNER}\nWARNING: {warning}\n{BANNER}", file=sys.stderr)
     return 0
+
+
+def _count(least: int):
+    """argparse type: an integer >= `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+    return parse
+
+
+def _cmd_int8(args: argparse.Namespace) -> int:
+    from federation.service.int8_bundle import quantize_bundle
+    from minusface.int8 import Int8Error
+    from task.bundle import BundleError
+    from task.config import resolve_data_path
+
+    try:
+        data = resolve_data_path(args.data or "")
+        info = quantize_bundle(args.bundle, data, fold=args.fold, max_pairs=args.max_pairs,
+                               calibration_faces=args.calibration_faces, overwrite=args.overwrite)
+    except (BundleError, Int8Error, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ev, t = info["evaluation"], info["timing"]
+    print(f"int8 f_p on {ev['pairs']} held-out pairs of fold {ev['eval-fold']} (same X_p for "
+          "both):")
+    for name in ("float32", "int8"):
+        m = ev[name]
+        print(f"  {name:7s} accuracy {100 * m['accuracy']:.2f} %  AUC {m['auc']:.4f}  "
+              f"TAR@1e-2 {m['tar_at_far_1e-2']:.3f}")
+    print(f"  accuracy drop {ev['accuracy-drop-points']:+.2f} points (limit "
+          f"{info['max-drop-points']}); embedding cosine to float32: min "
+          f"{ev['embedding-cosine']['min']:.4f}, median {ev['embedding-cosine']['median']:.4f}")
+    for key in ("batch-1", "batch-32"):
+        print(f"  {key}: float32 {t[key]['float32-ms-per-image']:.2f} ms/img, int8 "
+              f"{t[key]['int8-ms-per-image']:.2f} ms/img ({t[key]['speed-up']:.2f}x, "
+              f"{t['threads']} thread(s))")
+    if info["accepted"]:
+        print("accepted: `minusfed serve BUNDLE/server --int8` serves it")
+        return 0
+    print("NOT accepted: int8 lost more than the limit; serve float32", file=sys.stderr)
+    return 1
 
 
 def _subject(args: argparse.Namespace, face: Path) -> str:
@@ -154,6 +201,18 @@ def add_parsers(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's out-dir (holds final/models.pt)")
     p.add_argument("--out", metavar="DIR", help="where to write it (default RUN_DIR/final)")
     p.set_defaults(func=_cmd_from_run)
+    p = bsub.add_parser("int8", help="quantize f_p to int8 for the service and measure its "
+                                     "accuracy on the run's held-out LFW pairs")
+    p.add_argument("bundle", metavar="DIR", help="a bundle with both halves (a run's final/)")
+    p.add_argument("--data", metavar="LFW", help="LFW folder (default $MINUSFED_DATA)")
+    p.add_argument("--fold", type=int, choices=range(10), metavar="K",
+                   help="held-out View 2 fold (default: the one the bundle's thresholds used)")
+    p.add_argument("--max-pairs", type=_count(0), default=0, metavar="N",
+                   help="score at most N of its pairs (default all 600)")
+    p.add_argument("--calibration-faces", type=_count(1), default=256, metavar="N",
+                   help="faces from the other folds whose X_p set int8's ranges (default 256)")
+    p.add_argument("--overwrite", action="store_true", help="measure again and replace int8.json")
+    p.set_defaults(func=_cmd_int8)
 
     p = sub.add_parser("export", help="ONNX graphs of a bundle (g's residue, decode, f_p), "
                                       "checked with onnxruntime")

@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from federation.service.auth import TokenCheck
 from federation.service.gallery import Gallery, UnknownSubject
+from federation.service.model import Embedder, ServedModel
 from federation.service.payload import (
     NPY,
     PayloadError,
@@ -41,7 +41,7 @@ from federation.service.payload import (
     npy_bytes,
     parse_body,
 )
-from task.bundle import FAR_KEYS, ServerBundle
+from task.bundle import FAR_KEYS
 
 log = logging.getLogger("minusfed.service")
 SUBJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -69,30 +69,17 @@ class Refusal(Exception):
         self.status, self.message = status, message
 
 
-class Embedder:
-    """f_p on X_p views: embedding = normalise(sum over views of f_p(view)), float32, eval mode."""
-
-    def __init__(self, recognizer: torch.nn.Module) -> None:
-        self.model = recognizer.eval()
-
-    @torch.inference_mode()
-    def __call__(self, views: torch.Tensor) -> torch.Tensor:
-        """(N, V, 3, 112, 112) -> (N, D)."""
-        n, v = views.shape[:2]
-        out = self.model(views.reshape(n * v, *views.shape[2:])).float()
-        return F.normalize(out.view(n, v, -1).sum(dim=1), dim=1)
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(bundle: ServerBundle, gallery: Gallery, tokens: TokenCheck | None,
+def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
                settings: ServiceSettings | None = None) -> FastAPI:
     """The ASGI app; `tokens` None serves without authentication (development only)."""
     settings = settings or ServiceSettings()
-    embedder = Embedder(bundle.recognizer)
-    threshold = bundle.threshold(settings.far)
+    bundle = served.bundle
+    embedder = Embedder(served)
+    threshold = served.threshold(settings.far)
     app = FastAPI(title="minusfed recognition service", docs_url=None, redoc_url=None,
                   openapi_url=None)
 
@@ -160,6 +147,7 @@ def create_app(bundle: ServerBundle, gallery: Gallery, tokens: TokenCheck | None
         subjects, templates = gallery.counts()
         return {"card": bundle.card, "far": settings.far, "threshold": _num(threshold),
                 "embedding-size": bundle.embedding_size, "smoke": bundle.smoke,
+                "precision": served.precision,
                 "process": os.getpid(),      # which replica answered (Ray Serve)
                 "gallery": {"subjects": subjects, "templates": templates}}
 

@@ -68,9 +68,12 @@ def top_subjects(matrix: torch.Tensor, owner: torch.Tensor, n_subjects: int, vec
 class Gallery:
     """Thread-safe: one lock around the SQLite connection and the matrix."""
 
-    def __init__(self, path: str | Path, dim: int) -> None:
+    def __init__(self, path: str | Path, dim: int, model: str | None = None) -> None:
+        """`model`: the served model's tag (weights digest and precision); a gallery keeps
+        the first one it is opened with and refuses another (None: not checked)."""
         self.path = Path(path)
         self.dim = dim
+        self.model = model
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -82,6 +85,7 @@ class Gallery:
         except sqlite3.DatabaseError as e:
             raise GalleryError(f"{self.path}: not a usable SQLite gallery ({e})") from e
         self._check_dim()
+        self._check_model()
         self._version = self._data_version()
         self._load()
 
@@ -92,6 +96,17 @@ class Gallery:
         elif int(row[0]) != self.dim:
             raise GalleryError(f"{self.path}: gallery of {row[0]}-d embeddings, but this model "
                                f"embeds to {self.dim}-d (a gallery belongs to one bundle)")
+
+    def _check_model(self) -> None:
+        if self.model is None:
+            return
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('model', ?)", (self.model,))
+        row = self._db.execute("SELECT value FROM meta WHERE key='model'").fetchone()
+        if row[0] != self.model:
+            raise GalleryError(f"{self.path}: gallery enrolled with model {row[0]} (weights "
+                               f"digest:precision), but the service runs {self.model}; templates "
+                               "are only comparable with embeddings of the same weights at the "
+                               "same precision (enroll again into a new gallery)")
 
     def _data_version(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])

@@ -35,14 +35,14 @@ def app_builder(settings: dict) -> Callable[[], object]:
         from federation.service.app import ServiceSettings, create_app
         from federation.service.auth import TokenCheck, read_tokens
         from federation.service.gallery import Gallery
-        from task.bundle import read_server
+        from federation.service.model import served_model
 
         if settings["threads"]:
             torch.set_num_threads(settings["threads"])
-        bundle = read_server(settings["bundle"])
+        served = served_model(settings["bundle"], settings["precision"])
         tokens = TokenCheck(read_tokens(settings["tokens"])) if settings["tokens"] else None
-        gallery = Gallery(settings["gallery"], bundle.embedding_size)
-        return create_app(bundle, gallery, tokens,
+        gallery = Gallery(settings["gallery"], served.bundle.embedding_size, served.tag)
+        return create_app(served, gallery, tokens,
                           ServiceSettings(far=settings["far"],
                                           max_body_bytes=settings["max_body_bytes"]))
 
@@ -60,7 +60,8 @@ def run_ray_serve(args: argparse.Namespace, banner: Callable[[], None]) -> int:
 
     settings = {"bundle": os.path.abspath(args.bundle), "gallery": os.path.abspath(args.gallery),
                 "tokens": os.path.abspath(args.tokens) if args.tokens else None,
-                "far": args.far, "max_body_bytes": args.max_body_bytes, "threads": args.threads}
+                "far": args.far, "max_body_bytes": args.max_body_bytes, "threads": args.threads,
+                "precision": "int8" if args.int8 else "float"}
     quiet = LoggingConfig(enable_access_log=False, log_level="WARNING")
     # "local": a fresh instance, never a cluster some other program left running on this host
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"

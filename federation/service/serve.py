@@ -13,7 +13,7 @@ from pathlib import Path
 
 from federation.service.auth import TokenCheck, TokenError, add_token, read_tokens, revoke_token
 from federation.service.gallery import Gallery, GalleryError
-from task.bundle import FAR_KEYS, BundleError, read_server, smoke_warning
+from task.bundle import FAR_KEYS, BundleError, smoke_warning
 
 BANNER = "!" * 78
 log = logging.getLogger("minusfed.service")
@@ -22,6 +22,7 @@ log = logging.getLogger("minusfed.service")
 def build(args: argparse.Namespace):
     """(app, uvicorn keyword arguments) or raise ValueError naming what is wrong."""
     from federation.service.app import ServiceSettings, create_app
+    from federation.service.model import served_model
 
     if not args.insecure:
         missing = [name for name, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
@@ -34,7 +35,8 @@ def build(args: argparse.Namespace):
         for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
             if not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: file not found")
-    bundle = read_server(args.bundle)
+    served = served_model(args.bundle, "int8" if args.int8 else "float")
+    bundle = served.bundle
     warning = smoke_warning(bundle.info, "server bundle")
     if warning:
         print(f"{BANNER}\nWARNING: {warning}\n{BANNER}", file=sys.stderr)
@@ -42,13 +44,13 @@ def build(args: argparse.Namespace):
     if args.insecure:
         print(f"{BANNER}\nWARNING: --insecure: no TLS and{' no' if tokens is None else ''} API "
               f"tokens. Development on loopback only.\n{BANNER}", file=sys.stderr)
-    gallery = Gallery(args.gallery, bundle.embedding_size)
+    gallery = Gallery(args.gallery, bundle.embedding_size, served.tag)
     settings = ServiceSettings(far=args.far, max_body_bytes=args.max_body_bytes)
-    app = create_app(bundle, gallery, tokens, settings)
+    app = create_app(served, gallery, tokens, settings)
     kwargs = {"host": args.host, "port": args.port, "access_log": False, "log_level": "warning"}
     if not args.insecure:
         kwargs.update(ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
-    return app, kwargs, bundle, gallery
+    return app, kwargs, served, gallery
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -58,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        app, kwargs, bundle, gallery = build(args)
+        app, kwargs, served, gallery = build(args)
     except (ValueError, BundleError, GalleryError, TokenError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -68,7 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     where = "" if not args.replicas else f" with {args.replicas} Ray Serve replica(s)"
 
     def banner() -> None:
-        print(f"serving {bundle.path} (FAR {args.far}, threshold {bundle.threshold(args.far):.4f}) "
+        print(f"serving {served.bundle.path} ({served.precision} f_p, FAR {args.far}, threshold "
+              f"{served.threshold(args.far):.4f}) "
               f"gallery {args.gallery} ({subjects} subjects, {templates} templates) on "
               f"{scheme}://{args.host}:{args.port}{where}", flush=True)
 
@@ -120,6 +123,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--far", choices=FAR_KEYS, default="1e-3",
                    help="operating point of verify/identify decisions (default 1e-3)")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument("--int8", action="store_true",
+                   help="serve the int8 f_p measured by `minusfed bundle int8` (refused when it "
+                        "lost more than 0.2 accuracy points on the held-out pairs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, tokens optional: development on loopback only")
