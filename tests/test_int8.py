@@ -204,3 +204,19 @@ def test_the_service_answers_with_the_int8_f_p(bundle_int8, lfw_root, tmp_path):
     svc = Service(tmp_path, bundle_int8 / "server", tmp_path / "gallery.db")     # float32 now
     assert svc.proc.wait(timeout=120) == 2
     assert "enrolled with model" in svc.log() and ":int8" in svc.log()
+
+
+@pytest.mark.parametrize("mode, dtype", [("bf16", torch.bfloat16), ("float32", torch.float32)])
+def test_the_service_float_path_runs_under_the_cpu_precision_policy(monkeypatch, tmp_path, mode,
+                                                                    dtype):
+    from federation.service.model import Embedder
+    from minusface import precision
+
+    monkeypatch.setenv(precision.ENV, mode)
+    served = served_model(make_bundle(tmp_path / "b") / "server")
+    seen: list[torch.dtype] = []
+    first_conv = next(m for m in served.model.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    emb = Embedder(served)(torch.rand(3, 2, 3, 112, 112))
+    assert seen == [dtype] and emb.dtype == torch.float32 and emb.shape == (3, 512)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
