@@ -105,7 +105,7 @@ def smoke_warning(info: Mapping, what: str) -> str | None:
 
 # --------------------------------------------------------------------------- writing
 
-def _json_bytes(obj: object) -> bytes:
+def json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
@@ -166,7 +166,7 @@ def write_bundle(out: str | os.PathLike, generator: UNetGenerator, recognizer_st
                  "views": ["face", "mirror"]}
     files = {out / SITE / GENERATOR_FILE: _tensor_bytes(generator.state_dict(),
                                                         {"format": SITE_FORMAT}),
-             out / SITE / SITE_JSON: _json_bytes(site_info)}
+             out / SITE / SITE_JSON: json_bytes(site_info)}
     if recognizer_state is not None:
         if server_info is None:
             raise ValueError("write_bundle: recognizer_state needs server_info")
@@ -182,9 +182,9 @@ def write_bundle(out: str | os.PathLike, generator: UNetGenerator, recognizer_st
         info["embedding-size"] = _embedding_size(recognizer)
         files[out / SERVER / RECOGNIZER_FILE] = _tensor_bytes(recognizer_state,
                                                               {"format": SERVER_FORMAT})
-        files[out / SERVER / SERVER_JSON] = _json_bytes(info)
-        files[out / SERVER / CARD_JSON] = _json_bytes(card)
-    files[out / SITE / CARD_JSON] = files[out / CARD_JSON] = _json_bytes(card)
+        files[out / SERVER / SERVER_JSON] = json_bytes(info)
+        files[out / SERVER / CARD_JSON] = json_bytes(card)
+    files[out / SITE / CARD_JSON] = files[out / CARD_JSON] = json_bytes(card)
     files[out / CARD_MD] = card_markdown(card).encode("utf-8")
     _refuse_existing(list(files), overwrite)
     for path, data in files.items():
@@ -204,7 +204,7 @@ def _embedding_size(recognizer: nn.Module) -> int:
 
 # --------------------------------------------------------------------------- reading
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise BundleError(f"{path}: not found (expected a file written by minusfed's bundle "
                           "writer; is this a bundle's site/ or server/ folder?)")
@@ -227,7 +227,7 @@ def _check_format(info: dict, path: Path, expected: str) -> None:
                           f"reads version {VERSION}")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -248,7 +248,7 @@ def _check_finite(path: Path, state: Mapping[str, torch.Tensor]) -> None:
 
 def read_card(bundle: str | os.PathLike) -> dict:
     """The card of a bundle folder or of one of its halves."""
-    return _read_json(Path(bundle) / CARD_JSON)
+    return read_json(Path(bundle) / CARD_JSON)
 
 
 def read_site(path: str | os.PathLike) -> SiteBundle:
@@ -256,10 +256,10 @@ def read_site(path: str | os.PathLike) -> SiteBundle:
     path = Path(path)
     if not (path / SITE_JSON).exists() and (path / SITE / SITE_JSON).exists():
         path = path / SITE
-    info = _read_json(path / SITE_JSON)
+    info = read_json(path / SITE_JSON)
     _check_format(info, path / SITE_JSON, SITE_FORMAT)
     weights = path / GENERATOR_FILE
-    state = _read_tensors(weights)
+    state = read_tensors(weights)
     try:
         generator = build_generator(state, where=str(weights))
     except WeightsError as e:
@@ -267,7 +267,7 @@ def read_site(path: str | os.PathLike) -> SiteBundle:
     if generator.width != info.get("generator-width"):
         raise BundleError(f"{path / SITE_JSON}: 'generator-width' is {info.get('generator-width')!r}"
                           f" but {weights} holds a generator of width {generator.width}")
-    return SiteBundle(path, generator.eval(), info, _read_json(path / CARD_JSON))
+    return SiteBundle(path, generator.eval(), info, read_json(path / CARD_JSON))
 
 
 def _build_recognizer(info: Mapping, where: str) -> nn.Module:
@@ -290,14 +290,14 @@ def read_server(path: str | os.PathLike) -> ServerBundle:
     if not (path / SERVER_JSON).exists() and (path / SERVER / SERVER_JSON).exists():
         path = path / SERVER
     where = path / SERVER_JSON
-    info = _read_json(where)
+    info = read_json(where)
     _check_format(info, where, SERVER_FORMAT)
     info["thresholds"] = check_thresholds(info.get("thresholds"), str(where))
     size = info.get("embedding-size")
     if not isinstance(size, int) or size < 1:
         raise BundleError(f"{where}: 'embedding-size' is {size!r}, expected a positive integer")
     weights = path / RECOGNIZER_FILE
-    state = _read_tensors(weights)
+    state = read_tensors(weights)
     _check_finite(weights, state)
     recognizer = _build_recognizer(info, str(where))
     try:
@@ -310,7 +310,7 @@ def read_server(path: str | os.PathLike) -> ServerBundle:
     if _embedding_size(recognizer) != size:
         raise BundleError(f"{where}: 'embedding-size' is {size} but {weights} embeds to "
                           f"{_embedding_size(recognizer)}")
-    return ServerBundle(path, recognizer, info, _read_json(path / CARD_JSON))
+    return ServerBundle(path, recognizer, info, read_json(path / CARD_JSON))
 
 
 # --------------------------------------------------------------------------- the card

@@ -159,7 +159,7 @@ def test_serving_int8_needs_an_accepted_measurement(bundle_int8, tmp_path):
         served_model(bare / "server", "int8")
     (bundle_int8 / "server" / INT8_FILE).rename(tmp_path / "moved")
     try:
-        with pytest.raises(BundleError, match="not a readable safetensors"):
+        with pytest.raises(BundleError, match="recognizer-int8.safetensors: not found"):
             served_model(bundle_int8 / "server", "int8")
     finally:
         (tmp_path / "moved").rename(bundle_int8 / "server" / INT8_FILE)

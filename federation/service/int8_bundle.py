@@ -19,7 +19,6 @@ accepted.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from dataclasses import dataclass
@@ -34,7 +33,17 @@ from minusface.atomic import write_atomic
 from minusface.eval import pair_scores, verification_metrics
 from minusface.frontend import MinusFaceFrontend
 from minusface.precision import time_alternating
-from task.bundle import SERVER, BundleError, ServerBundle, check_thresholds, read_server, read_site
+from task.bundle import (
+    SERVER,
+    BundleError,
+    ServerBundle,
+    check_thresholds,
+    json_bytes,
+    read_json,
+    read_server,
+    read_site,
+    read_tensors,
+)
 
 INT8_FILE, INT8_JSON = "recognizer-int8.safetensors", "int8.json"
 MAX_DROP_POINTS = 0.2            # issue: int8 is offered when it keeps LFW accuracy within this
@@ -164,8 +173,8 @@ def quantize_bundle(bundle: str | Path, lfw_root: str | Path, fold: int | None =
 
     data = save(observers, metadata={"format": "minusfed-int8"})
     write_atomic(out_file, lambda f: f.write(data))
-    text = json.dumps(info, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    write_atomic(out_json, lambda f: f.write(text.encode("utf-8")))
+    text = json_bytes(info)
+    write_atomic(out_json, lambda f: f.write(text))
     return info
 
 
@@ -175,11 +184,8 @@ def read_int8(server: ServerBundle) -> Int8Server:
     if not path.is_file():
         raise BundleError(f"{path}: not found; make it with `minusfed bundle int8 BUNDLE --data "
                           "LFW` (it measures the int8 f_p's accuracy before it may be served)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: cannot read JSON ({e})") from e
-    if not isinstance(info, dict) or info.get("format") != "minusfed-int8":
+    info = read_json(path)
+    if info.get("format") != "minusfed-int8":
         raise BundleError(f"{path}: 'format' should be 'minusfed-int8'")
     if info.get("accepted") is not True:
         ev = info.get("evaluation", {})
@@ -187,13 +193,7 @@ def read_int8(server: ServerBundle) -> Int8Server:
                           f"accuracy points on {ev.get('pairs')} held-out pairs (limit "
                           f"{info.get('max-drop-points', MAX_DROP_POINTS)}); serve float32")
     info["thresholds"] = check_thresholds(info.get("thresholds"), str(path))
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        observers = load_file(str(server.path / INT8_FILE))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BundleError(f"{server.path / INT8_FILE}: not a readable safetensors file ({e})") from e
+    observers = read_tensors(server.path / INT8_FILE)
     try:
         model = int8.build(server.recognizer, observers)
     except int8.Int8Error as e:
