@@ -36,6 +36,7 @@ from privacy.report import (
     JUDGE_ROW,
     MAX_LOCAL_STEPS,
     PIXEL_ROWS,
+    PRETRAINED_STUDENT_ROW,
     REGEN_ROW,
     STUDENT_ROW,
     XP_ROW,
@@ -52,7 +53,8 @@ METRIC_KEYS = (*dict.fromkeys((*PIXEL_KEYS, *IDENTITY_KEYS, "grad_cos")),
 # Rows evaluate_client / gradient_inversion.evaluate_gradient_inversion can produce, and the
 # scalars flatten_metrics / site_privacy_metrics add: the outbound guard's allow-list for the
 # privacy reply (`privacy_metric_names`; tests/test_guard.py checks a real reply against it).
-REPORT_ROWS = (XP_ROW, REGEN_ROW, *PIXEL_ROWS, *CONSTANT_ROWS, JUDGE_ROW, FP_ROW, STUDENT_ROW)
+REPORT_ROWS = (XP_ROW, REGEN_ROW, *PIXEL_ROWS, *CONSTANT_ROWS, JUDGE_ROW, FP_ROW, STUDENT_ROW,
+               PRETRAINED_STUDENT_ROW)
 GI_STEPS_PREFIXES = tuple(f"gi-steps{k}" for k in range(2, MAX_LOCAL_STEPS + 1))  # K steps
 GI_ROWS = (*(f"{prefix}/{view}" for prefix in ("gi", "gi-probe")
              for view in ("none", "minusface", "minusface vs X_p", "minusface + inverter")),

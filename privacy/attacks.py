@@ -9,8 +9,9 @@ evaluated client's.
 * Pixel recovery (attacks 1/2): a 3 -> 3 U-Net inverter, L1 between inverter(view) and the face,
   Adam lr 1e-3 (the paper's attacker), trained on (view, face) pairs the attacker makes itself.
 * Linkage (attack 3): the global recognizer f_p itself, with zero training (`privacy.report`),
-  and a recognizer "student" trained from scratch with a cosine loss to map X_p to the judge's
-  embedding of the original face (FaceLinkGen's loss, not its pretrained-teacher recipe).
+  a recognizer "student" trained from scratch with a cosine loss to map X_p to the judge's
+  embedding of the original face (FaceLinkGen's loss), and a student that starts from a
+  pretrained recognizer (the judge) behind a prepended conv (FaceLinkGen's recipe, our scale).
 * Fixed permutation (attack 4): an inverter trained on views made with ONE known theta, then
   tested on that theta and on fresh CSPRNG permutations.
 * Gradient inversion of shipped updates (attack 5): `privacy.gradient_inversion`.
@@ -163,7 +164,8 @@ def _fit(model: nn.Module, views: ViewsFn, faces: torch.Tensor, targets: torch.T
          loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
          epochs: int, batch_size: int, lr: float, seed: int, fresh_views: bool, progress: bool,
          desc: str, metric: str, min_batch: int = 1, holdout: float = 0.1,
-         eval_every: int = 25, patience: int = 4) -> nn.Module:
+         eval_every: int = 25, patience: int = 4,
+         param_groups: list[dict] | None = None) -> nn.Module:
     """The attackers' shared loop: Adam(lr) on `loss_fn(model, views, targets)` over the
     auxiliary faces, fresh views per batch (or made once), seeded batches.
 
@@ -171,11 +173,12 @@ def _fit(model: nn.Module, views: ViewsFn, faces: torch.Tensor, targets: torch.T
     `eval_every` steps; training stops when that loss has not improved for `patience` checks or
     after `epochs` epochs (the step budget), and the best checkpoint is kept.  The curve is left
     on the model as ``model.training_curve`` (steps, train loss, held-out loss, why it stopped).
+    `param_groups` (Adam's, each with its own lr) replace "every parameter at `lr`".
     Returns the model in eval mode."""
     train_idx, held_idx = holdout_split(len(faces), holdout, seed)
     held_views = views(faces[torch.from_numpy(held_idx)]) if held_idx.size else None
     held_targets = targets[torch.from_numpy(held_idx)] if held_idx.size else None
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(param_groups or model.parameters(), lr=lr)
     train_faces, train_targets = faces[torch.from_numpy(train_idx)], targets[torch.from_numpy(train_idx)]
     fixed = None if fresh_views else views(train_faces)
     rng = np.random.default_rng(seed)
@@ -354,6 +357,52 @@ def train_linkage_student(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray,
                 epochs=epochs, batch_size=max(2, batch_size),   # BatchNorm needs two samples
                 lr=lr, seed=seed, fresh_views=fresh_views, progress=progress,
                 desc="linkage student", metric="cos_loss", min_batch=2, **stopping)
+
+
+class AdaptedRecognizer(nn.Module):
+    """A pretrained recognizer with a learnable 1x1 conv in front (FaceLinkGen's prepended
+    layer), which starts as the identity map: at step 0 the student IS the pretrained model."""
+
+    def __init__(self, recognizer: nn.Module) -> None:
+        super().__init__()
+        self.adapter = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.adapter.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.adapter.bias.zero_()
+        self.recognizer = recognizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.recognizer(self.adapter(x))
+
+
+PRETRAINED_BODY_LR_RATIO = 0.1   # the pretrained body is fine-tuned, the adapter trained
+
+
+def train_pretrained_student(views: ViewsFn, aux_faces: torch.Tensor | np.ndarray,
+                             pretrained: nn.Module,
+                             judge_embed: Callable[[torch.Tensor], torch.Tensor], epochs: int,
+                             batch_size: int, lr: float = 1e-3, seed: int = 0,
+                             fresh_views: bool = True, progress: bool = True,
+                             **stopping) -> nn.Module:
+    """Linkage student that STARTS FROM A PRETRAINED face recognizer (FaceLinkGen's recipe at
+    our scale): a copy of `pretrained` (a recognizer of unprotected faces in [-1, 1], e.g. the
+    judge, trained on identities disjoint from the client's) behind an identity-initialised 1x1
+    conv, fine-tuned on X_p with the cosine loss to the judge's embedding of the original face;
+    the adapter at `lr`, the body at lr x PRETRAINED_BODY_LR_RATIO.  Returns it in eval mode."""
+    import copy
+
+    faces = as_faces(aux_faces)
+    targets = F.normalize(judge_embed(to_unit(faces)).float(), dim=1)
+    torch.manual_seed(seed)
+    student = AdaptedRecognizer(copy.deepcopy(pretrained).requires_grad_(True))   # a frozen judge too
+    groups = [{"params": student.adapter.parameters(), "lr": lr},
+              {"params": student.recognizer.parameters(), "lr": lr * PRETRAINED_BODY_LR_RATIO}]
+    return _fit(student, views, faces, targets,
+                lambda m, v, target: (1.0 - F.cosine_similarity(m(v * 2.0 - 1.0), target,
+                                                                dim=1)).mean(),
+                epochs=epochs, batch_size=max(2, batch_size), lr=lr, seed=seed,
+                fresh_views=fresh_views, progress=progress, desc="linkage student (pretrained)",
+                metric="cos_loss", min_batch=2, param_groups=groups, **stopping)
 
 
 def student_embed_fn(student: nn.Module, flip: bool = False,

@@ -15,6 +15,7 @@ client's), then scores the client's faces (docs/privacy.md explains every row, g
   judge on originals           the original faces         the judge's own cross-image quality
   f_p linkage                  X_p                        the global recognizer f_p, ZERO training
   linkage student              X_p                        recognizer trained from scratch
+  linkage student (pretrained) X_p                        the judge + a 1x1 conv, fine-tuned
 
 Pixel rows carry a gate (privacy.gates): they count only when the same attacker recovers
 unprotected faces above the preset's gate and above the best constant guess; otherwise they say
@@ -55,6 +56,7 @@ from .attacks import (
     train_inverter,
     train_linkage_student,
     train_perceptual_inverter,
+    train_pretrained_student,
     views_fn,
     views_from_residue,
 )
@@ -68,6 +70,7 @@ PIXEL_ROWS = ("none", "no-shuffle", "no-subtraction", "minusface", PERCEPTUAL_RO
               "fixed-theta/same", "fixed-theta/fresh")
 JUDGE_ROW, FP_ROW, STUDENT_ROW, XP_ROW, REGEN_ROW = (
     "judge on originals", "f_p linkage", "linkage student", "view: X_p itself", "g regeneration")
+PRETRAINED_STUDENT_ROW = "linkage student (pretrained)"
 COLUMNS = (("ssim", "SSIM"), ("ms_ssim", "MS-SSIM"), ("psnr", "PSNR (dB)"),
            ("tar@0.01", "TAR@1e-2"), ("tar@0.001", "TAR@1e-3"), ("rank1", "rank-1"))
 GI_COLUMNS = (("ssim", "SSIM"), ("ms_ssim", "MS-SSIM"), ("psnr", "PSNR (dB)"),
@@ -229,6 +232,12 @@ def attacker_description(config: PrivacyConfig, n_aux: int, n_aux_ids: int | Non
                            f"scratch on X_p with a cosine loss to the judge's embedding of the "
                            f"original face (FaceLinkGen's loss only, no pretrained teacher), at "
                            f"most {config.linkage_epochs} epoch(s), same early stopping",
+        "linkage_student_pretrained": "a copy of the judge (a recognizer of unprotected faces "
+                                      "trained on identities disjoint from the client's) behind "
+                                      "an identity-initialised 1x1 conv, fine-tuned on X_p with "
+                                      "the same cosine loss (adapter at the attacker's lr, body "
+                                      "at a tenth), same budget and early stopping: FaceLinkGen's "
+                                      "pretrained-teacher recipe at this scale",
         "fixed_theta": f"inverter as above trained on X_p made with one known permutation "
                        f"(seed {FIXED_THETA_SEED}); tested on that theta and on fresh CSPRNG ones",
         "gates": f"pixel rows need the unprotected control >= {config.gate_psnr:g} dB and SSIM "
@@ -374,6 +383,19 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
                                       cross_image_identity(student_embed_fn(student)(x_p),
                                                            judge_orig, labels, **boot)),
                          "scorer": "judge"}
+    # Attack 3c: a student that starts from a pretrained recognizer (the judge: unprotected
+    # faces, identities disjoint from the client's) -- FaceLinkGen's recipe at our scale.
+    if judge_model is not None:
+        student = train_pretrained_student(views_fn(frontend, "minusface"), aux, judge_model,
+                                           judge_embed, config.linkage_epochs, config.batch_size,
+                                           config.lr, seed=seed, fresh_views=config.fresh_views,
+                                           progress=progress, **stopping)
+        curves[PRETRAINED_STUDENT_ROW] = student.training_curve
+        rows[PRETRAINED_STUDENT_ROW] = {
+            "identity": ({"refused": jgate["reason"]} if not jgate["passed"] else
+                         cross_image_identity(student_embed_fn(student)(x_p), judge_orig,
+                                              labels, **boot)),
+            "scorer": "judge"}
 
     # Gates and verdicts.
     gate = pixel_gate(rows, config.gate_psnr, config.gate_ssim)
@@ -392,6 +414,8 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     not_run = _not_run(config)
     if gi_recognizer is None:
         not_run["f_p linkage"] = "not run: no global recognizer f_p given (pass --run DIR)"
+    if judge_model is None:
+        not_run[PRETRAINED_STUDENT_ROW] = "not run: no pretrained recognizer (judge module) given"
     return {
         "client": client_name,
         "config": config.to_dict(),

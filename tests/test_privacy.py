@@ -141,11 +141,40 @@ def test_perceptual_identity_loss_moves_the_inverter_not_the_recognizer():
         pytest.approx(torch.nn.functional.l1_loss(inv(target), target).item(), rel=1e-5)
 
 
+def test_the_pretrained_student_starts_as_the_recognizer_and_fine_tunes_a_copy(lfw_faces, frontend):
+    from privacy.attacks import AdaptedRecognizer, train_pretrained_student
+
+    aux = lfw_faces[0][:8]
+    torch.manual_seed(0)
+    judge = build_backbone("ir18", 3, width=8).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in judge.state_dict().items()}
+    x = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.allclose(AdaptedRecognizer(judge).eval()(x), judge(x), atol=1e-6)
+    student = train_pretrained_student(views_fn(frontend, "minusface"), aux, judge,
+                                       judge_embed_fn(judge), epochs=2, batch_size=4,
+                                       progress=False, eval_every=1, patience=10)
+    assert isinstance(student, AdaptedRecognizer) and not student.training
+    assert all(torch.equal(v, judge.state_dict()[k]) for k, v in before.items())  # judge untouched
+    moved = [k for k, v in student.recognizer.state_dict().items()
+             if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert moved and any(k.endswith("weight") and "input_layer" in k for k in moved)
+    assert not torch.equal(student.adapter.weight.detach().flatten(), torch.eye(3).flatten())
+    assert student.training_curve["steps"] >= 2
+
+
 # --------------------------------------------------------------------------- report
 
 def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
     from clients.privacy_eval import REPORT_ROWS
-    from privacy.report import FP_ROW, JUDGE_ROW, PERCEPTUAL_ROW, PIXEL_ROWS, STUDENT_ROW
+    from privacy.report import (
+        FP_ROW,
+        JUDGE_ROW,
+        PERCEPTUAL_ROW,
+        PIXEL_ROWS,
+        PRETRAINED_STUDENT_ROW,
+        STUDENT_ROW,
+    )
 
     aux, client, labels, client_ids, aux_ids = lfw_faces
     cfg = PRIVACY_PRESETS["tiny"].with_(inverter_epochs=1, aux_images=8, eval_images=12,
@@ -171,6 +200,8 @@ def test_evaluate_client_and_write_report(lfw_faces, frontend, tmp_path):
     # the untrained judge is refused; f_p needs no judge and scores different photos
     assert not result["judge_gate"]["passed"]
     assert "refused" in rows["minusface"]["identity"] and "refused" in rows[STUDENT_ROW]["identity"]
+    assert "refused" in rows[PRETRAINED_STUDENT_ROW]["identity"]
+    assert result["curves"][PRETRAINED_STUDENT_ROW]["metric"] == "cos_loss"
     assert rows[JUDGE_ROW]["identity"]["auc"] < cfg.judge_min_auc
     fp = rows[FP_ROW]["identity"]
     assert fp["n"] == 6 and fp["n_gallery"] == 6 and fp["chance"]["rank1"] == pytest.approx(1 / 6)
