@@ -78,6 +78,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                                  "step (0 = no gradient inversion)")
     p.add_argument("--gi-steps", type=int, metavar="N", help="gradient-inversion steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attacker-seeds", type=int, default=1, metavar="N",
+                   help="train every attacker N times (seeds SEED..SEED+N-1) on the same images; "
+                        "reports per seed in seed-K/ and seeds.md with mean, spread and the "
+                        "verdicts that every seed agrees on (default 1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_cli)
     return p
@@ -234,6 +238,7 @@ def run_cli(args: argparse.Namespace) -> int:
         get_privacy_config,
         privacy_preset_for,
         write_report,
+        write_seed_summary,
         write_summary,
     )
     from task.config import run_config
@@ -242,6 +247,9 @@ def run_cli(args: argparse.Namespace) -> int:
         config = get_privacy_config(args.preset or privacy_preset_for(run_config({}).preset_name))
     except ValueError as exc:
         raise SystemExit(f"error: --preset: {exc}") from None
+    if args.attacker_seeds < 1:
+        raise SystemExit(f"error: --attacker-seeds: expected an integer >= 1, got "
+                         f"{args.attacker_seeds}")
     if args.judge and not args.judge_disjoint:
         raise SystemExit("error: --judge CKPT: a trainer checkpoint does not record which "
                          "identities it was trained on; pass --judge-disjoint to assert it saw "
@@ -284,19 +292,27 @@ def run_cli(args: argparse.Namespace) -> int:
                                exclude=set(client_ids))
         c_img, c_lab, _ = _load(ids, client_ids, cap)
         a_img, _, _ = _load(all_ids, aux_ids, cap)
-        result = evaluate_client(frontend, c_img, c_lab, a_img, judge_embed_fn(judge), config,
-                                 seed=args.seed, progress=progress, client_identities=client_ids,
-                                 aux_identities=aux_ids, judge_info=judge_info, client_name=name,
-                                 gi_recognizer=gi_net, gi_recognizer_info=gi_info,
-                                 judge_model=judge)
-        result["generator"] = g_info
-        result["source"] = source
         client_dir = out / name if len(clients) > 1 else out
-        report = write_report(result, client_dir)
-        results[name] = result
-        print(f"{name}: report {report.resolve()}")
-        print(f"  gate: {result['pixel_gate']['reason']}\n  judge: "
-              f"{result['judge_gate']['reason']}")
+        by_seed = {}
+        for k in range(args.attacker_seeds):
+            result = evaluate_client(frontend, c_img, c_lab, a_img, judge_embed_fn(judge), config,
+                                     seed=args.seed, attacker_seed=args.seed + k,
+                                     progress=progress, client_identities=client_ids,
+                                     aux_identities=aux_ids, judge_info=judge_info,
+                                     client_name=name, gi_recognizer=gi_net,
+                                     gi_recognizer_info=gi_info, judge_model=judge)
+            result["generator"] = g_info
+            result["source"] = source
+            seed_dir = client_dir / f"seed-{args.seed + k}" if args.attacker_seeds > 1 else client_dir
+            report = write_report(result, seed_dir)
+            by_seed[args.seed + k] = result
+            print(f"{name}: report {report.resolve()}")
+            print(f"  gate: {result['pixel_gate']['reason']}\n  judge: "
+                  f"{result['judge_gate']['reason']}")
+        if args.attacker_seeds > 1:
+            print(f"{name}: {args.attacker_seeds} attacker seeds: "
+                  f"{write_seed_summary(by_seed, client_dir).resolve()}")
+        results[name] = by_seed[args.seed]
     if len(results) > 1:
         print(f"summary: {write_summary(results, out).resolve()}")
     return 0

@@ -262,7 +262,8 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
                     client_labels: Sequence[int] | np.ndarray,
                     aux_faces: torch.Tensor | np.ndarray,
                     judge_embed: Callable[[torch.Tensor], torch.Tensor],
-                    config: PrivacyConfig, *, seed: int = 0, progress: bool = True,
+                    config: PrivacyConfig, *, seed: int = 0, attacker_seed: int | None = None,
+                    progress: bool = True,
                     client_identities: Sequence[str] | None = None,
                     aux_identities: Sequence[str] | None = None,
                     judge_info: str = "", client_name: str = "client",
@@ -277,7 +278,9 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     recognizer f_p (the f_p linkage row and the attacked update), or None (no f_p linkage; a
     fresh ``config.gi_preset`` recognizer for the update).  ``judge_model``: the judge's module,
     for the perceptual + identity attacker (None: that row is not run).  The returned dict holds the grid
-    images under the private key "_images" (not written to JSON).
+    images under the private key "_images" (not written to JSON).  ``seed`` picks the evaluated
+    and auxiliary images and the bootstrap; ``attacker_seed`` (default ``seed``) only the
+    attackers' initialisation and batches, so several attacker seeds score the same images.
     """
     if client_identities is not None and aux_identities is not None:
         common = set(client_identities) & set(aux_identities)
@@ -293,6 +296,7 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     stopping = dict(holdout=config.holdout, eval_every=config.eval_every,
                     patience=config.patience)
     boot = dict(n_boot=config.n_boot, seed=seed)
+    aseed = seed if attacker_seed is None else attacker_seed
 
     rows: dict[str, dict] = {}
     curves: dict[str, dict] = {}
@@ -338,7 +342,7 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     for kind in ("none", "no-shuffle", "no-subtraction", "minusface"):
         fn = views_fn(frontend, kind)
         inv = train_inverter(fn, aux, config.inverter_epochs, config.batch_size, config.lr,
-                             config.inverter_width, seed=seed, fresh_views=config.fresh_views,
+                             config.inverter_width, seed=aseed, fresh_views=config.fresh_views,
                              progress=progress, desc=f"inverter [{kind}]", **stopping)
         inverters[kind], curves[kind] = inv, inv.training_curve
         score(kind, recover(inv, eval_view[kind] if kind in eval_view else fn(faces)))
@@ -349,7 +353,7 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
         inv = train_perceptual_inverter(
             views_fn(frontend, "minusface"), aux, judge_model, config.inverter_epochs,
             config.batch_size, config.lr, config.inverter_width, config.perceptual_weight,
-            config.identity_weight, seed=seed, fresh_views=config.fresh_views,
+            config.identity_weight, seed=aseed, fresh_views=config.fresh_views,
             progress=progress, **stopping)
         curves[PERCEPTUAL_ROW] = inv.training_curve
         score(PERCEPTUAL_ROW, recover(inv, x_p))
@@ -357,7 +361,7 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     # Attack 4: one known theta.
     fn = views_fn(frontend, "fixed-permutation", permutation=theta)
     inv = train_inverter(fn, aux, config.inverter_epochs, config.batch_size, config.lr,
-                         config.inverter_width, seed=seed, fresh_views=False, progress=progress,
+                         config.inverter_width, seed=aseed, fresh_views=False, progress=progress,
                          desc="inverter [fixed theta]", **stopping)
     curves["fixed-theta"] = inv.training_curve
     score("fixed-theta/same", recover(inv, eval_view["fixed-permutation"]))
@@ -376,7 +380,7 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     # Attack 3b: linkage student trained from scratch on X_p.
     student = train_linkage_student(views_fn(frontend, "minusface"), aux, judge_embed,
                                     config.linkage_epochs, config.batch_size, config.lr,
-                                    config.linkage_backbone, config.linkage_width, seed=seed,
+                                    config.linkage_backbone, config.linkage_width, seed=aseed,
                                     fresh_views=config.fresh_views, progress=progress, **stopping)
     curves[STUDENT_ROW] = student.training_curve
     rows[STUDENT_ROW] = {"identity": ({"refused": jgate["reason"]} if not jgate["passed"] else
@@ -388,7 +392,7 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     if judge_model is not None:
         student = train_pretrained_student(views_fn(frontend, "minusface"), aux, judge_model,
                                            judge_embed, config.linkage_epochs, config.batch_size,
-                                           config.lr, seed=seed, fresh_views=config.fresh_views,
+                                           config.lr, seed=aseed, fresh_views=config.fresh_views,
                                            progress=progress, **stopping)
         curves[PRETRAINED_STUDENT_ROW] = student.training_curve
         rows[PRETRAINED_STUDENT_ROW] = {
@@ -406,7 +410,7 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
     gi_result = None
     if config.gi_images > 0:
         gi_result = run_gradient_inversion(frontend, faces, labels, config, None,
-                                           inverters["minusface"], seed=seed, progress=progress,
+                                           inverters["minusface"], seed=aseed, progress=progress,
                                            recognizer=gi_recognizer,
                                            recognizer_info=gi_recognizer_info)
         images["gi"] = gi_result.pop("_images")
@@ -418,6 +422,8 @@ def evaluate_client(frontend: MinusFaceFrontend, client_faces: torch.Tensor | np
         not_run[PRETRAINED_STUDENT_ROW] = "not run: no pretrained recognizer (judge module) given"
     return {
         "client": client_name,
+        "seed": seed,
+        "attacker_seed": aseed,
         "config": config.to_dict(),
         "attacker": attacker_description(config, len(aux),
                                          len(set(aux_identities)) if aux_identities else None),
@@ -733,3 +739,90 @@ def write_summary(results_by_client: dict[str, dict], out_dir: str | Path) -> Pa
         lines.append(f"- **{name}**: {why}")
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "summary.md"
+
+
+SEED_PIXEL_KEYS, SEED_IDENTITY_KEYS = ("ssim", "psnr"), ("rank1", "auc")
+
+
+def _spread(values: list[float]) -> dict | None:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return None
+    return {"values": vals, "mean": float(np.mean(vals)),
+            "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals)}
+
+
+def combined_verdict(verdicts: list[str]) -> str:
+    """One verdict for several attacker seeds: it stands only when every seed gives it."""
+    if verdicts and all(v == verdicts[0] for v in verdicts):
+        return verdicts[0]
+    counts: dict[str, int] = {}
+    for v in verdicts:
+        counts[v] = counts.get(v, 0) + 1
+    return ("no evidence (attacker seeds disagree: "
+            + "; ".join(f"{v} x{n}" for v, n in counts.items()) + ")")
+
+
+def seed_summary(results_by_seed: dict[int, dict]) -> dict:
+    """Per row: each metric's value for every attacker seed with mean, std (ddof 1), min, max;
+    per pixel row the combined verdict (`combined_verdict`); the gates of every seed."""
+    seeds = list(results_by_seed)
+    rows: dict[str, dict] = {}
+    names = dict.fromkeys(n for r in results_by_seed.values() for n in r["metrics"])
+    for name in names:
+        per = [results_by_seed[s]["metrics"].get(name, {}) for s in seeds]
+        entry = {k: _spread([m.get(k) for m in per]) for k in SEED_PIXEL_KEYS}
+        idents = [m.get("identity") if isinstance(m.get("identity"), dict) else {} for m in per]
+        entry.update({k: _spread([i.get(k) for i in idents]) for k in SEED_IDENTITY_KEYS})
+        if any("refused" in i for i in idents):
+            entry["identity_refused"] = next(i["refused"] for i in idents if "refused" in i)
+        verdicts = [results_by_seed[s]["verdicts"].get(name) for s in seeds]
+        if all(verdicts):
+            entry["verdicts"] = verdicts
+            entry["verdict"] = combined_verdict(verdicts)
+        rows[name] = {k: v for k, v in entry.items() if v is not None}
+    gi = {s: (results_by_seed[s].get("gradient_inversion") or {}).get("verdict") for s in seeds}
+    return {"seeds": seeds, "rows": rows,
+            "pixel_gate": {s: results_by_seed[s]["pixel_gate"] for s in seeds},
+            "judge_gate": {s: results_by_seed[s]["judge_gate"] for s in seeds},
+            "gradient_inversion_verdicts": {s: v for s, v in gi.items() if v}}
+
+
+def _mean_std(entry: dict | None, kind: str) -> str:
+    if not entry:
+        return ""
+    return (f"{_fmt(entry['mean'], kind)} +- {_fmt(entry['std'], kind)} "
+            f"({_fmt(entry['min'], kind)}-{_fmt(entry['max'], kind)})")
+
+
+def write_seed_summary(results_by_seed: dict[int, dict], out_dir: str | Path) -> Path:
+    """seeds.json and seeds.md: the same client attacked with several attacker seeds."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = seed_summary(results_by_seed)
+    (out / "seeds.json").write_text(json.dumps(_json_safe(summary), indent=2, sort_keys=True),
+                                    encoding="utf-8")
+    n = len(summary["seeds"])
+    lines = [f"# Privacy evaluation over {n} attacker seeds ({', '.join(map(str, summary['seeds']))})",
+             "", f"**{THREAT_SENTENCE}**", "",
+             "Every attacker is trained again per seed on the same auxiliary faces and scored on "
+             "the same client faces. Values: mean +- standard deviation over seeds (min-max). A "
+             "verdict stands only when every seed gives it.", ""]
+    for s in summary["seeds"]:
+        lines.append(f"- seed {s}: gate: {summary['pixel_gate'][s].get('reason', 'n/a')}; judge: "
+                     f"{summary['judge_gate'][s].get('reason', 'n/a')}")
+    lines += ["", "| row | SSIM | PSNR (dB) | rank-1 | AUC | verdict |", "|---" * 6 + "|"]
+    for name, e in summary["rows"].items():
+        if "identity_refused" in e and "rank1" not in e:
+            ident = ("refused (judge gate)", "")
+        else:
+            ident = (_mean_std(e.get("rank1"), "rank1"), _mean_std(e.get("auc"), "auc"))
+        lines.append(f"| {name} | {_mean_std(e.get('ssim'), 'ssim')} | "
+                     f"{_mean_std(e.get('psnr'), 'psnr')} | {ident[0]} | {ident[1]} | "
+                     f"{e.get('verdict', 'reference')} |")
+    for s, verdicts in summary["gradient_inversion_verdicts"].items():
+        lines += ["", f"Gradient inversion, seed {s}:"] + [f"- {v}" for v in verdicts]
+    (out / "seeds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "seeds.md"
+

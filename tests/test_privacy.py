@@ -245,3 +245,42 @@ def test_cli_parser_registers_privacy_eval():
                               "--client-identities", "3", "--aux-identities", "5", "--out", "o",
                               "--preset", "tiny"])
     assert args.command == "privacy-eval" and args.client_identities == 3 and callable(args.func)
+
+
+def test_combined_verdict_stands_only_when_every_seed_agrees():
+    from privacy.report import combined_verdict
+
+    assert combined_verdict(["LEAKS", "LEAKS", "LEAKS"]) == "LEAKS"
+    mixed = combined_verdict(["LEAKS", "no evidence (gate failed)", "LEAKS"])
+    assert mixed.startswith("no evidence (attacker seeds disagree") and "LEAKS x2" in mixed
+
+
+def test_privacy_eval_with_two_attacker_seeds_scores_the_same_images(lfw_root, tmp_path, capsys):
+    from minusfed.privacy_cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    out = tmp_path / "privacy"
+    args = parser.parse_args(["privacy-eval", "--data", str(lfw_root), "--out", str(out),
+                              "--preset", "tiny", "--client-identities", "4",
+                              "--judge-identities", "6", "--gi-images", "0", "--seed", "3",
+                              "--attacker-seeds", "2", "--quiet"])
+    assert args.func(args) == 0
+    one, two = (json.loads((out / f"seed-{s}" / "privacy.json").read_text()) for s in (3, 4))
+    assert (one["seed"], one["attacker_seed"], two["attacker_seed"]) == (3, 3, 4)
+    assert one["n_eval_images"] == two["n_eval_images"]
+    # the same faces: the blind constant guesses score identically; the attackers differ
+    for row in ("constant: mean aux face", "constant: median aux face"):
+        assert one["metrics"][row]["ssim"] == two["metrics"][row]["ssim"], row
+    assert one["curves"]["none"]["train_loss"] != two["curves"]["none"]["train_loss"]
+    summary = json.loads((out / "seeds.json").read_text())
+    none = summary["rows"]["none"]["ssim"]
+    assert none["values"] == [one["metrics"]["none"]["ssim"], two["metrics"]["none"]["ssim"]]
+    assert none["min"] <= none["mean"] <= none["max"]
+    assert summary["rows"]["minusface"]["verdict"].startswith("no evidence")
+    text = (out / "seeds.md").read_text()
+    assert "over 2 attacker seeds (3, 4)" in text and "| minusface |" in text
+    assert "seeds.md" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--attacker-seeds"):
+        args.attacker_seeds = 0
+        args.func(args)
