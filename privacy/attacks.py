@@ -394,7 +394,11 @@ def train_pretrained_student(views: ViewsFn, aux_faces: torch.Tensor | np.ndarra
     faces = as_faces(aux_faces)
     targets = F.normalize(judge_embed(to_unit(faces)).float(), dim=1)
     torch.manual_seed(seed)
-    student = AdaptedRecognizer(copy.deepcopy(pretrained).requires_grad_(True))   # a frozen judge too
+    # a trainable copy (the judge is frozen) in NCHW: a judge trained under the CPU policy's
+    # channels_last plan keeps channels_last weights, and training that copy on NCHW input
+    # aborted the process in torch 2.13's CPU backward ("double free or corruption")
+    body = copy.deepcopy(pretrained).to(memory_format=torch.contiguous_format)
+    student = AdaptedRecognizer(body.requires_grad_(True))
     groups = [{"params": student.adapter.parameters(), "lr": lr},
               {"params": student.recognizer.parameters(), "lr": lr * PRETRAINED_BODY_LR_RATIO}]
     return _fit(student, views, faces, targets,

@@ -147,6 +147,7 @@ def test_the_pretrained_student_starts_as_the_recognizer_and_fine_tunes_a_copy(l
     aux = lfw_faces[0][:8]
     torch.manual_seed(0)
     judge = build_backbone("ir18", 3, width=8).eval().requires_grad_(False)
+    judge.to(memory_format=torch.channels_last)     # as the CPU policy's bf16 plan leaves it
     before = {k: v.clone() for k, v in judge.state_dict().items()}
     x = torch.rand(2, 3, 112, 112)
     with torch.no_grad():
@@ -155,6 +156,7 @@ def test_the_pretrained_student_starts_as_the_recognizer_and_fine_tunes_a_copy(l
                                        judge_embed_fn(judge), epochs=2, batch_size=4,
                                        progress=False, eval_every=1, patience=10)
     assert isinstance(student, AdaptedRecognizer) and not student.training
+    assert all(p.is_contiguous() for p in student.recognizer.parameters())   # NCHW copy
     assert all(torch.equal(v, judge.state_dict()[k]) for k, v in before.items())  # judge untouched
     moved = [k for k, v in student.recognizer.state_dict().items()
              if v.is_floating_point() and not torch.equal(v, before[k])]
