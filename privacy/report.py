@@ -815,7 +815,7 @@ def write_seed_summary(results_by_seed: dict[int, dict], out_dir: str | Path) ->
     lines += ["", "| row | SSIM | PSNR (dB) | rank-1 | AUC | verdict |", "|---" * 6 + "|"]
     for name, e in summary["rows"].items():
         if "identity_refused" in e and "rank1" not in e:
-            ident = ("refused (judge gate)", "")
+            ident = ("refused (see the judge line above)", "")
         else:
             ident = (_mean_std(e.get("rank1"), "rank1"), _mean_std(e.get("auc"), "auc"))
         lines.append(f"| {name} | {_mean_std(e.get('ssim'), 'ssim')} | "
