@@ -199,7 +199,7 @@ def test_training_probe_leaves_models_gradients_and_rng_alone(monkeypatch) -> No
     before = {k: v.clone() for k, v in models.recognizer.state_dict().items()}
     rng = torch.get_rng_state()
     plan = step_plan(models, 16, torch.device("cpu"))
-    assert plan.choice in precision.CANDIDATES and set(plan.ms) == set(precision.CANDIDATES)
+    assert plan.choice in precision.CANDIDATES and set(plan.ms) == {"float32", "bf16"}  # no channels_last
     assert torch.equal(torch.get_rng_state(), rng)
     after = models.recognizer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)   # BatchNorm stats too
@@ -263,3 +263,21 @@ def test_the_probe_feeds_a_recognizer_its_own_input_channels():
     for channels in (3, 192):
         assert in_channels(build_backbone("ir18", channels, width=8)) == channels
         assert in_channels(build_backbone("mobilefacenet", channels)) == channels
+
+
+def test_training_never_runs_channels_last_on_the_cpu(monkeypatch) -> None:
+    """channels_last training aborted the process on an AVX512-BF16 EPYC (see TRAINING_TASKS):
+    forced bf16 trains NCHW, probes offer no channels_last, inference keeps it."""
+    monkeypatch.setenv(precision.ENV, "bf16")
+    for task in precision.TRAINING_TASKS:
+        assert precision.plan_for(task, "cpu", lambda: "n", 4, lambda b: {}).choice == "bf16"
+    assert precision.plan_for("protect", "cpu", lambda: "n", 4, lambda b: {}).choice == \
+        "bf16+channels_last"
+    with precision.forced("bf16+channels_last"):
+        assert precision.plan_for("stage2", "cpu", lambda: "n", 4, lambda b: {}).choice == "bf16"
+    assert [p.choice for p in precision._candidates(training=True)] == ["float32", "bf16"]
+    models = build_models("stage2", get_preset("tiny"), 3, generator=MinusFaceFrontend(width=4).generator)
+    faces = torch.rand(3, 3, 112, 112) * 2 - 1
+    train_step(models, faces, torch.tensor([0, 1, 2]), make_optimizer(models, get_preset("tiny")),
+               torch.device("cpu"))
+    assert all(p.is_contiguous() for p in models.recognizer.parameters())
