@@ -20,7 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import arg_parser, command_line, data_path, markdown_table, provenance
+from bench.common import (
+    arg_parser,
+    command_line,
+    data_path,
+    git_commit,
+    machine,
+    markdown_table,
+    provenance,
+    today,
+)
 
 
 def _faces(lfw: Path, n: int) -> torch.Tensor:
@@ -103,8 +112,32 @@ def main(argv: list[str] | None = None) -> None:
         info = json.loads((Path(args.bundle) / "server" / "int8.json").read_text())
         print(json.dumps(info["evaluation"], indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"provenance": provenance(), "results": results},
+        Path(args.json).write_text(json.dumps(result_record(results, command_line("bench.int8", argv)),
                                               indent=2) + "\n")
+
+
+def headline_rows(results: list[dict]) -> list[dict]:
+    """The README rows: int8 against both float paths at the largest batch of each model."""
+    rows = []
+    for spec in dict.fromkeys(r["model"] for r in results):
+        r = max((r for r in results if r["model"] == spec), key=lambda r: r["batch"])
+        ms = r["ms_per_image"]
+        rows.append({"section": "speed",
+                     "measurement": (f"f_p {spec} int8 embed, batch {r['batch']}: ms/img vs float32 "
+                                     f"and the float path ({r['policy_choice']}); cosine min"),
+                     "value": (f"{ms['int8']:.2f} vs {ms['float32']:.2f} and {ms['policy']:.2f} "
+                               f"({ms['float32'] / ms['int8']:.1f}x, {ms['policy'] / ms['int8']:.1f}x); "
+                               f"{r['cosine_min']:.3f}")})
+    return rows
+
+
+def result_record(results: list[dict], command: str) -> dict:
+    """The `bench/results` record `bench.report` reads (kind "generic": rows carry the headline)."""
+    return {"kind": "generic", "command": command, "machine": machine(), "date": today(),
+            "commit": git_commit(),
+            "note": "ms per image of f_p embedding, float32 NCHW vs the policy's float path vs int8 "
+                    "(FX static quantization), fresh weights, X_p of LFW faces",
+            "data": {"results": results, "rows": headline_rows(results)}}
 
 
 if __name__ == "__main__":
