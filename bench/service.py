@@ -5,7 +5,8 @@
 
 Side by side in one run, on one machine:
 
-* embed: X_p images/s of f_p alone (in this process, `torch.inference_mode`) and through
+* embed: X_p images/s of f_p alone (in this process, through the service's own `Embedder`, so
+  under the same CPU precision plan and the same normalisation) and through
   `POST /v1/embed` of a real `minusfed serve` subprocess on loopback (TLS + token on), same
   batch sizes, same torch thread count; the service time is the client's wall time per request
   (float16 .npy encode, TLS, parse and checks, f_p, JSON reply).
@@ -98,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.galleries.split(",") if s]
     torch.set_num_threads(args.threads)
 
+    from federation.service.model import Embedder, served_model
     from federation.service.process import Service
-    from task.bundle import read_server
+    from minusface import precision
 
     with tempfile.TemporaryDirectory(prefix="minusfed-bench-service-") as tmp:
         tmp = Path(tmp)
         bundle = make_bundle(tmp / "bundle", args.backbone, args.backbone_width)
-        model = read_server(bundle / "server").recognizer
+        embedder = Embedder(served_model(bundle / "server"))
         dim = 512
         served_n = max([n for n in sizes if n <= args.max_served_gallery], default=0)
         print(f"filling a {served_n:,}-template gallery ...", file=sys.stderr, flush=True)
@@ -118,12 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             with svc.http() as h:
                 for b in batches:
                     x = rng.random((b, 3, 112, 112), dtype=np.float32)
-                    xt = torch.from_numpy(x)
+                    xt = torch.from_numpy(x)[:, None]          # (N, 1 view, 3, 112, 112)
                     body = npy_bytes(x.astype(np.float16))
 
                     def alone(xt=xt) -> None:
-                        with torch.inference_mode():
-                            model(xt)
+                        embedder(xt)
 
                     def served(body=body, accept="application/json") -> None:
                         r = h.post("/v1/embed", content=body,
@@ -137,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                         t_json += timings(served, 1, 1)
                         t_npy += timings(lambda: served(accept="application/x-npy"), 1, 1)
                     a, j, n = (statistics.median(t) for t in (t_alone, t_json, t_npy))
-                    embed_rows.append([b, f"{b / a:.1f}", _ms(a), _ms(j), _ms(n),
+                    plan = precision.inference_plan("embed", embedder.model,
+                                                    min(b, precision.EMBED_PROBE_BATCH)).choice
+                    embed_rows.append([b, plan, f"{b / a:.1f}", _ms(a), _ms(j), _ms(n),
                                        f"{100 * (j - a) / a:+.0f} %", f"{100 * (n - a) / a:+.0f} %"])
             # verify under bounded concurrent load
             face = npy_bytes(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"f_p = {args.backbone} width {args.backbone_width} (fresh weights), torch "
           f"{args.threads} thread(s) in both the bench and the service; service = `minusfed "
           "serve` subprocess, HTTPS + token on loopback, float16 .npy bodies\n")
-    print(markdown_table(["batch (X_p)", "f_p alone img/s", "f_p ms", "service ms (JSON reply)",
+    print(markdown_table(["batch (X_p)", "CPU plan", "f_p alone img/s", "f_p ms", "service ms (JSON reply)",
                           "service ms (.npy reply)", "overhead (JSON)", "overhead (.npy)"],
                          embed_rows))
     print(f"\nverify (one face, 2 float16 views), {args.clients} concurrent clients x "
