@@ -103,16 +103,17 @@ def parse_body(body: bytes, content_type: str | None) -> np.ndarray:
 
 def _checked_tensor(x: np.ndarray) -> torch.Tensor:
     """float32 copy of `x`, refused unless finite and in [0, 1].  One conversion pass, then
-    torch's min/max (NaN and infinities propagate into them): NumPy's float16 reductions are
-    several times slower."""
-    t = torch.from_numpy(np.array(x, dtype=np.float32))
-    lo, hi = (float(v) for v in torch.aminmax(t))
+    NumPy's float32 min/max (NaN and infinities propagate into them).  Not NumPy on float16
+    (several times slower) and not torch's reductions: those open an OpenMP parallel region
+    whose thread wake-up, on a busy machine, costs milliseconds for a few microseconds of work."""
+    a = np.array(x, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise PayloadError("X_p holds NaN or infinite values")
     if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
         raise PayloadError(f"X_p values must lie in [0, 1] (protect() output), got "
                            f"[{lo:.3g}, {hi:.3g}]")
-    return t
+    return torch.from_numpy(a)
 
 
 def face_views(x: np.ndarray) -> torch.Tensor:
