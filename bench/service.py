@@ -67,11 +67,13 @@ def fill_gallery(path: Path, n: int, dim: int) -> None:
 
 
 def bench_identify(sizes: list[int], dim: int, iters: int) -> list[list[object]]:
-    from federation.service.gallery import top_subjects
+    from federation.service.gallery import template_buffer, top_subjects
 
     rows = []
     for n in sizes:
-        matrix = torch.nn.functional.normalize(torch.randn(n, dim), dim=1)
+        buffer = template_buffer(n, dim)         # the layout the gallery keeps
+        buffer.copy_(torch.nn.functional.normalize(torch.randn(dim, n), dim=0))
+        matrix = buffer.T
         owner = torch.arange(n)
         q = torch.nn.functional.normalize(torch.randn(dim), dim=0)
         search = statistics.median(timings(lambda m=matrix, o=owner, n=n, q=q:
@@ -79,7 +81,7 @@ def bench_identify(sizes: list[int], dim: int, iters: int) -> list[list[object]]
         read = statistics.median(timings(lambda m=matrix: m.sum(), iters, 2))
         rows.append([f"{n:,}", f"{matrix.numel() * 4 / 2**20:,.0f}", _ms(search), _ms(read),
                      f"{search / read:.2f}"])
-        del matrix, owner
+        del matrix, buffer, owner
     return rows
 
 
