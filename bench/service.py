@@ -78,7 +78,7 @@ def bench_identify(sizes: list[int], dim: int, iters: int) -> list[list[object]]
         q = torch.nn.functional.normalize(torch.randn(dim), dim=0)
         search = statistics.median(timings(lambda m=matrix, o=owner, n=n, q=q:
                                            top_subjects(m, o, n, q, 5), iters, 2))
-        read = statistics.median(timings(lambda m=matrix: m.sum(), iters, 2))
+        read = statistics.median(timings(lambda b=buffer: b.sum(), iters, 2))
         rows.append([f"{n:,}", f"{matrix.numel() * 4 / 2**20:,.0f}", _ms(search), _ms(read),
                      f"{search / read:.2f}"])
         del matrix, buffer, owner

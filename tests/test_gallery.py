@@ -50,7 +50,7 @@ def test_search_is_exact_through_growth_reload_sync_and_delete(tmp_path):
 
     other = Gallery(path, DIM)             # a second connection: reload, then sync appends
     _check(other, enrolled, rng)
-    for i in range(20):
+    for _ in range(20):
         v = rng.standard_normal(DIM).astype(np.float32)
         g.enroll("late", torch.from_numpy(v))
         enrolled.append(("late", v))

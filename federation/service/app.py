@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
+from federation.service import torch_thread
 from federation.service.auth import TokenCheck
 from federation.service.gallery import Gallery, UnknownSubject
 from federation.service.model import Embedder, ServedModel
@@ -136,7 +136,7 @@ def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
             views = face_views(await read_xp(request))
         except PayloadError as e:
             raise Refusal(e.status, str(e)) from None
-        return (await run_in_threadpool(embedder, views[None]))[0]
+        return (await torch_thread.run(embedder, views[None]))[0]
 
     @app.get("/v1/health")
     async def health() -> dict:
@@ -144,7 +144,7 @@ def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
 
     @app.get("/v1/card")
     async def card() -> dict:
-        subjects, templates = gallery.counts()
+        subjects, templates = await torch_thread.run(gallery.counts)
         return {"card": bundle.card, "far": settings.far, "threshold": _num(threshold),
                 "embedding-size": bundle.embedding_size, "smoke": bundle.smoke,
                 "precision": served.precision,
@@ -157,7 +157,7 @@ def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
             views = batch_views(await read_xp(request), settings.max_embed_faces)
         except PayloadError as e:
             raise Refusal(e.status, str(e)) from None
-        emb = await run_in_threadpool(embedder, views)
+        emb = await torch_thread.run(embedder, views)
         if NPY in request.headers.get("accept", ""):      # float32 .npy: no float formatting
             return Response(npy_bytes(emb.numpy()), media_type=NPY)
         # JSONResponse skips FastAPI's jsonable_encoder, which walks every float
@@ -167,7 +167,7 @@ def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
     async def enroll(subject: str, request: Request) -> dict:
         subject = subject_id(subject)
         emb = await one_face(request)
-        count = await run_in_threadpool(gallery.enroll, subject, emb)
+        count = await torch_thread.run(gallery.enroll, subject, emb)
         return {"subject": subject, "templates": count}
 
     @app.post("/v1/subjects/{subject}/verify")
@@ -175,7 +175,7 @@ def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
         subject = subject_id(subject)
         emb = await one_face(request)
         try:
-            score = await run_in_threadpool(gallery.verify, subject, emb)
+            score = await torch_thread.run(gallery.verify, subject, emb)
         except UnknownSubject:
             raise Refusal(404, "unknown subject: nothing is enrolled under this id") from None
         return {"subject": subject, "score": score, "match": score >= threshold,
@@ -186,7 +186,7 @@ def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
         if not 1 <= k <= MAX_K:
             raise Refusal(422, f"k: expected 1..{MAX_K}, got {k}")
         emb = await one_face(request)
-        matches = await run_in_threadpool(gallery.identify, emb, k)
+        matches = await torch_thread.run(gallery.identify, emb, k)
         return {"candidates": [{"subject": m.subject, "score": m.score,
                                 "match": m.score >= threshold} for m in matches],
                 "far": settings.far, "threshold": _num(threshold)}
@@ -195,7 +195,7 @@ def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
     async def delete(subject: str) -> dict:
         subject = subject_id(subject)
         try:
-            n = await run_in_threadpool(gallery.delete, subject)
+            n = await torch_thread.run(gallery.delete, subject)
         except UnknownSubject:
             raise Refusal(404, "unknown subject: nothing is enrolled under this id") from None
         return {"subject": subject, "deleted": n}

@@ -32,6 +32,7 @@ def app_builder(settings: dict) -> Callable[[], object]:
     def build_app():
         import torch
 
+        from federation.service import torch_thread
         from federation.service.app import ServiceSettings, create_app
         from federation.service.auth import TokenCheck, read_tokens
         from federation.service.gallery import Gallery
@@ -39,9 +40,10 @@ def app_builder(settings: dict) -> Callable[[], object]:
 
         if settings["threads"]:
             torch.set_num_threads(settings["threads"])
-        served = served_model(settings["bundle"], settings["precision"])
+        served = torch_thread.call(served_model, settings["bundle"], settings["precision"])
         tokens = TokenCheck(read_tokens(settings["tokens"])) if settings["tokens"] else None
-        gallery = Gallery(settings["gallery"], served.bundle.embedding_size, served.tag)
+        gallery = torch_thread.call(Gallery, settings["gallery"], served.bundle.embedding_size,
+                                    served.tag)
         return create_app(served, gallery, tokens,
                           ServiceSettings(far=settings["far"],
                                           max_body_bytes=settings["max_body_bytes"]))

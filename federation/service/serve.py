@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from federation.service import torch_thread
 from federation.service.auth import TokenCheck, TokenError, add_token, read_tokens, revoke_token
 from federation.service.gallery import Gallery, GalleryError
 from task.bundle import FAR_KEYS, BundleError, smoke_warning
@@ -35,7 +36,8 @@ def build(args: argparse.Namespace):
         for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
             if not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: file not found")
-    served = served_model(args.bundle, "int8" if args.int8 else "float")
+    # every torch call of this process runs on one thread (federation/service/torch_thread.py)
+    served = torch_thread.call(served_model, args.bundle, "int8" if args.int8 else "float")
     bundle = served.bundle
     warning = smoke_warning(bundle.info, "server bundle")
     if warning:
@@ -44,7 +46,7 @@ def build(args: argparse.Namespace):
     if args.insecure:
         print(f"{BANNER}\nWARNING: --insecure: no TLS and{' no' if tokens is None else ''} API "
               f"tokens. Development on loopback only.\n{BANNER}", file=sys.stderr)
-    gallery = Gallery(args.gallery, bundle.embedding_size, served.tag)
+    gallery = torch_thread.call(Gallery, args.gallery, bundle.embedding_size, served.tag)
     settings = ServiceSettings(far=args.far, max_body_bytes=args.max_body_bytes)
     app = create_app(served, gallery, tokens, settings)
     kwargs = {"host": args.host, "port": args.port, "access_log": False, "log_level": "warning"}
@@ -65,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("minusfed.service").setLevel(logging.INFO)
-    subjects, templates = gallery.counts()
+    subjects, templates = torch_thread.call(gallery.counts)
     scheme = "http" if args.insecure else "https"
     where = "" if not args.replicas else f" with {args.replicas} Ray Serve replica(s)"
 
