@@ -105,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     from federation.service.process import Service
     from minusface import precision
 
+    # first, in a process whose torch has run on this thread only: the client threads below
+    # would leave extra OpenMP teams whose wake-ups set a floor under the small reads
+    print("identify search ...", file=sys.stderr, flush=True)
+    dim = 512
+    id_rows = bench_identify(sizes, dim, args.iters)
     with tempfile.TemporaryDirectory(prefix="minusfed-bench-service-") as tmp:
         tmp = Path(tmp)
         bundle = make_bundle(tmp / "bundle", args.backbone, args.backbone_width)
         embedder = Embedder(served_model(bundle / "server"))
-        dim = 512
         served_n = max([n for n in sizes if n <= args.max_served_gallery], default=0)
         print(f"filling a {served_n:,}-template gallery ...", file=sys.stderr, flush=True)
         fill_gallery(tmp / "gallery.db", served_n, dim)
@@ -179,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
                     headers={"Content-Type": "application/x-npy"}), args.iters, 1))
         finally:
             svc.stop()
-    print("identify search ...", file=sys.stderr, flush=True)
-    id_rows = bench_identify(sizes, dim, args.iters)
 
     print(f"\n{provenance()}")
     print(f"f_p = {args.backbone} width {args.backbone_width} (fresh weights), torch "
