@@ -23,6 +23,7 @@ the same cores as the server, so concurrent numbers are those of a shared machin
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -66,9 +67,10 @@ def fill_gallery(path: Path, n: int, dim: int) -> None:
     g.close()
 
 
-def bench_identify(sizes: list[int], dim: int, iters: int) -> list[list[object]]:
+def bench_identify(sizes: list[int], dim: int, iters: int, threads: int) -> list[list[object]]:
     from federation.service.gallery import template_buffer, top_subjects
 
+    torch.set_num_threads(threads)
     rows = []
     for n in sizes:
         buffer = template_buffer(n, dim)         # the layout the gallery keeps
@@ -105,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     from federation.service.process import Service
     from minusface import precision
 
-    # first, in a process whose torch has run on this thread only: the client threads below
-    # would leave extra OpenMP teams whose wake-ups set a floor under the small reads
+    # in a fresh child process: gigabyte matrices freed here would change how this process's
+    # allocator serves f_p's activations, and the service section would leave its own state
     print("identify search ...", file=sys.stderr, flush=True)
     dim = 512
-    id_rows = bench_identify(sizes, dim, args.iters)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        id_rows = pool.apply(bench_identify, (sizes, dim, args.iters, args.threads))
     with tempfile.TemporaryDirectory(prefix="minusfed-bench-service-") as tmp:
         tmp = Path(tmp)
         bundle = make_bundle(tmp / "bundle", args.backbone, args.backbone_width)
