@@ -23,6 +23,7 @@ the same cores as the server, so concurrent numbers are those of a shared machin
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import statistics
 import sys
@@ -34,7 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import arg_parser, markdown_table, provenance, timings
+from bench.common import (
+    arg_parser,
+    command_line,
+    git_commit,
+    machine,
+    markdown_table,
+    provenance,
+    timings,
+    today,
+)
 from federation.service.payload import npy_bytes
 
 
@@ -98,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--galleries", default="10000,100000,1000000")
     ap.add_argument("--max-served-gallery", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", type=Path, help="also write a bench/results record here")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
     sizes = [int(s) for s in args.galleries.split(",") if s]
@@ -124,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                       extra=["--threads", str(args.threads), "--max-body-bytes",
                              str(64 * 2**20)]).wait()
         try:
-            embed_rows = []
+            embed_rows, embed_raw = [], []
             rng = np.random.default_rng(0)
             with svc.http() as h:
                 for b in batches:
@@ -149,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                     a, j, n = (statistics.median(t) for t in (t_alone, t_json, t_npy))
                     plan = precision.inference_plan("embed", embedder.model,
                                                     min(b, precision.EMBED_PROBE_BATCH)).choice
+                    embed_raw.append({"batch": b, "plan": plan, "alone_ms": 1000 * a,
+                                      "service_json_ms": 1000 * j, "service_npy_ms": 1000 * n})
                     embed_rows.append([b, plan, f"{b / a:.1f}", _ms(a), _ms(j), _ms(n),
                                        f"{100 * (j - a) / a:+.0f} %", f"{100 * (n - a) / a:+.0f} %"])
             # verify under bounded concurrent load
@@ -201,7 +214,46 @@ def main(argv: list[str] | None = None) -> int:
           f"{_ms(t_id)} ms per request\n")
     print(markdown_table(["gallery", "matrix MiB", "search ms", "read once ms",
                           "search / read"], id_rows))
+    if args.json:
+        verify = {"clients": args.clients, "requests": args.requests, "gallery": served_n,
+                  "p50_ms": 1000 * p50, "p99_ms": 1000 * p99,
+                  "requests_per_s": len(latencies) / wall, "identify_ms": 1000 * t_id}
+        args.json.write_text(json.dumps(result_record(
+            args, embed_raw, verify, id_rows, command_line("bench.service", argv)), indent=2) + "\n")
     return 0
+
+
+def headline_rows(args, embed: list[dict], verify: dict, identify: list[list]) -> list[dict]:
+    """The README rows (bench.report, kind "generic")."""
+    model = f"{args.backbone} w{args.backbone_width}"
+    rows = [{"section": "speed",
+             "measurement": f"service vs f_p alone ({model}, {r['plan']}), batch {r['batch']}, "
+                            ".npy reply: overhead (target <= 10 %)",
+             "value": f"{100 * (r['service_npy_ms'] / r['alone_ms'] - 1):+.0f} % "
+                      f"({r['service_npy_ms']:.1f} vs {r['alone_ms']:.1f} ms)"} for r in embed]
+    rows.append({"section": "speed",
+                 "measurement": f"verify p50 / p99, {verify['clients']} concurrent clients, "
+                                f"gallery {verify['gallery']:,}",
+                 "value": f"{verify['p50_ms']:.1f} / {verify['p99_ms']:.1f} ms, "
+                          f"{verify['requests_per_s']:.1f} requests/s"})
+    rows += [{"section": "scale",
+              "measurement": f"identify search over {n} templates / one read of the matrix "
+                             "(target at 1M: <= 2x)",
+              "value": f"{ratio}x ({search} vs {read} ms)"}
+             for n, _, search, read, ratio in identify]
+    return rows
+
+
+def result_record(args, embed: list[dict], verify: dict, identify: list[list],
+                  command: str) -> dict:
+    return {"kind": "generic", "command": command, "machine": machine(), "date": today(),
+            "commit": git_commit(),
+            "note": "recognition service over HTTPS + token on loopback vs f_p alone through the "
+                    "same Embedder; verify under concurrent load; exact identify search",
+            "data": {"embed": embed, "verify": verify,
+                     "identify": [dict(zip(("templates", "matrix_mib", "search_ms", "read_ms",
+                                            "ratio"), r)) for r in identify],
+                     "rows": headline_rows(args, embed, verify, identify)}}
 
 
 if __name__ == "__main__":
