@@ -8,9 +8,10 @@ mid-enroll (kill -9) leaves the previous committed state, never a torn row.
 Search: the embeddings live in one float32 matrix with a parallel subject index; a query is
 one matrix-vector product, then a per-subject maximum (a subject's score is its best template).
 The matrix is rebuilt from SQLite at start and updated in place on every change.  It is kept
-column-major (a (D, capacity) buffer, templates as columns) and the product runs in NumPy's
-BLAS: that pair streams the matrix at memory speed on the CPUs measured, where torch's
-row-major matrix-vector product ran at a third of it on an AMD EPYC (MKL; docs/service.md).
+column-major (a (D, capacity) buffer, templates as columns): on an AMD EPYC torch's (MKL)
+matrix-vector product over that layout ran about twice as fast as over a row-major matrix.
+The product stays in torch rather than NumPy's faster OpenBLAS, whose own worker threads kept
+spinning after each search and halved the speed of the next f_p forward (docs/service.md).
 
 Several processes may serve one gallery file on one machine (Ray Serve replicas): before every
 query and change a process asks SQLite whether another connection committed since it last
@@ -61,8 +62,8 @@ def template_buffer(capacity: int, dim: int) -> torch.Tensor:
 
 
 def scores_of(matrix: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """(M,) cosines of `vec` with the (M, D) float32 CPU `matrix` (any strides), exact."""
-    return torch.from_numpy(np.matmul(matrix.numpy(), vec.numpy()))
+    """(M,) cosines of `vec` with the (M, D) float32 `matrix` (any strides), exact."""
+    return matrix @ vec
 
 
 def top_subjects(matrix: torch.Tensor, owner: torch.Tensor, n_subjects: int, vec: torch.Tensor,
