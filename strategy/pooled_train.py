@@ -147,8 +147,8 @@ def train_loop(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-            optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"),
-                                                 weights_only=True))
+            optimizer_file = os.path.join(folder, "optimizer.pt")
+            optimizer.load_state_dict(torch.load(optimizer_file, weights_only=True))
             start = json.loads(Path(folder, "progress.json").read_text())["epoch"] + 1
     elif job.init_recognizer:          # the bundle's f_p; the margin head is new (new classes)
         model.recognizer.load_state_dict(load_file(job.init_recognizer), strict=True)
