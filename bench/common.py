@@ -92,6 +92,13 @@ def provenance() -> str:
     return f"{machine()}; commit {git_commit()}; {today()}"
 
 
+def result_record(command: str, note: str, data: dict) -> dict:
+    """A `bench/results` record for `bench.report` (kind "generic": `data["rows"]` holds the
+    headline rows), stamped with this machine, today and the commit."""
+    return {"kind": "generic", "command": command, "machine": machine(), "date": today(),
+            "commit": git_commit(), "note": note, "data": data}
+
+
 def arg_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     """A parser whose usage line reads `python -m bench.NAME` and whose description is the
     first line of the module docstring."""

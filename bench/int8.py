@@ -24,11 +24,9 @@ from bench.common import (
     arg_parser,
     command_line,
     data_path,
-    git_commit,
-    machine,
     markdown_table,
     provenance,
-    today,
+    result_record,
 )
 
 
@@ -112,8 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         info = json.loads((Path(args.bundle) / "server" / "int8.json").read_text())
         print(json.dumps(info["evaluation"], indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result_record(results, command_line("bench.int8", argv)),
-                                              indent=2) + "\n")
+        record = result_record(command_line("bench.int8", argv),
+                               "ms per image of f_p embedding, float32 NCHW vs the policy's float "
+                               "path vs int8 (FX static quantization), fresh weights, X_p of LFW "
+                               "faces", {"results": results, "rows": headline_rows(results)})
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def headline_rows(results: list[dict]) -> list[dict]:
@@ -129,15 +130,6 @@ def headline_rows(results: list[dict]) -> list[dict]:
                                f"({ms['float32'] / ms['int8']:.1f}x, {ms['policy'] / ms['int8']:.1f}x); "
                                f"{r['cosine_min']:.3f}")})
     return rows
-
-
-def result_record(results: list[dict], command: str) -> dict:
-    """The `bench/results` record `bench.report` reads (kind "generic": rows carry the headline)."""
-    return {"kind": "generic", "command": command, "machine": machine(), "date": today(),
-            "commit": git_commit(),
-            "note": "ms per image of f_p embedding, float32 NCHW vs the policy's float path vs int8 "
-                    "(FX static quantization), fresh weights, X_p of LFW faces",
-            "data": {"results": results, "rows": headline_rows(results)}}
 
 
 if __name__ == "__main__":

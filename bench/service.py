@@ -23,6 +23,7 @@ the same cores as the server, so concurrent numbers are those of a shared machin
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import statistics
@@ -38,12 +39,10 @@ import torch
 from bench.common import (
     arg_parser,
     command_line,
-    git_commit,
-    machine,
     markdown_table,
     provenance,
+    result_record,
     timings,
-    today,
 )
 from federation.service.payload import npy_bytes
 
@@ -224,12 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         verify = {"clients": args.clients, "requests": args.requests, "gallery": served_n,
                   "p50_ms": 1000 * p50, "p99_ms": 1000 * p99,
                   "requests_per_s": len(latencies) / wall, "identify_ms": 1000 * t_id}
-        args.json.write_text(json.dumps(result_record(
-            args, embed_raw, verify, id_rows, command_line("bench.service", argv)), indent=2) + "\n")
+        identify = [dict(zip(("templates", "matrix_mib", "search_ms", "read_ms", "ratio"), r))
+                    for r in id_rows]
+        record = result_record(
+            command_line("bench.service", argv),
+            "recognition service over HTTPS + token on loopback vs f_p alone through the same "
+            "Embedder; verify under concurrent load; exact identify search",
+            {"embed": embed_raw, "verify": verify, "identify": identify,
+             "rows": headline_rows(args, embed_raw, verify, id_rows)})
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
-def headline_rows(args, embed: list[dict], verify: dict, identify: list[list]) -> list[dict]:
+def headline_rows(args: argparse.Namespace, embed: list[dict], verify: dict,
+                  identify: list[list]) -> list[dict]:
     """The README rows (bench.report, kind "generic")."""
     model = f"{args.backbone} w{args.backbone_width}"
     rows = [{"section": "speed",
@@ -248,18 +255,6 @@ def headline_rows(args, embed: list[dict], verify: dict, identify: list[list]) -
               "value": f"{ratio}x ({search} vs {read} ms)"}
              for n, _, search, read, ratio in identify]
     return rows
-
-
-def result_record(args, embed: list[dict], verify: dict, identify: list[list],
-                  command: str) -> dict:
-    return {"kind": "generic", "command": command, "machine": machine(), "date": today(),
-            "commit": git_commit(),
-            "note": "recognition service over HTTPS + token on loopback vs f_p alone through the "
-                    "same Embedder; verify under concurrent load; exact identify search",
-            "data": {"embed": embed, "verify": verify,
-                     "identify": [dict(zip(("templates", "matrix_mib", "search_ms", "read_ms",
-                                            "ratio"), r)) for r in identify],
-                     "rows": headline_rows(args, embed, verify, identify)}}
 
 
 if __name__ == "__main__":

@@ -61,18 +61,13 @@ def template_buffer(capacity: int, dim: int) -> torch.Tensor:
     return torch.empty(dim, capacity)
 
 
-def scores_of(matrix: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """(M,) cosines of `vec` with the (M, D) float32 `matrix` (any strides), exact."""
-    return matrix @ vec
-
-
 def top_subjects(matrix: torch.Tensor, owner: torch.Tensor, n_subjects: int, vec: torch.Tensor,
                  k: int) -> list[tuple[int, float]]:
     """(subject index, score) of the k subjects whose best template is closest to `vec`:
     one (M, D) x (D,) product, a per-subject max (scatter), top-k; exact."""
     if matrix.shape[0] == 0 or k < 1:
         return []
-    scores = scores_of(matrix, vec)
+    scores = matrix @ vec
     best = torch.full((n_subjects,), -2.0).scatter_reduce_(0, owner, scores, "amax")
     present = best > -2.0                    # a cosine is >= -1: -2 marks "no template"
     top = torch.topk(torch.where(present, best, torch.tensor(-3.0)), min(k, int(present.sum())))
@@ -274,7 +269,7 @@ class Gallery:
             rows = (self._owner == index).nonzero().view(-1) if index is not None else None
             if rows is None or rows.numel() == 0:
                 raise UnknownSubject(subject)
-            return float(scores_of(self._matrix[rows], vec).max())
+            return float((self._matrix[rows] @ vec).max())
 
     def identify(self, embedding: torch.Tensor, k: int) -> list[Match]:
         """The k subjects with the best template cosine, best first (exact search)."""
