@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -121,7 +122,11 @@ def test_gradient_inversion_recovers_unprotected_faces_and_only_x_p_under_minusf
     # (3) MinusFace stage 2: the update is made from X_p, so X_p is what comes back
     torch.manual_seed(0)
     frontend = MinusFaceFrontend(width=2).eval()
-    res = evaluate_gradient_inversion(x, labels, frontend.protect, ir, head, images=2, steps=2,
+    # seeded permutations (protect's test-only `rng`): X_p, and with it the grey guess's score
+    # against X_p, otherwise changes per run; unseeded, the 2 dB margin below failed in about
+    # 1 run in 6 (margins 1.6-4.9 dB over 7 runs)
+    protect = partial(frontend.protect, rng=torch.Generator().manual_seed(0))
+    res = evaluate_gradient_inversion(x, labels, protect, ir, head, images=2, steps=2,
                                       probe_steps=100, seed=0, local_steps=2)
     m = res["metrics"]
     print("GI rows:", json.dumps({k: {a: round(v[a], 3) for a in ("psnr", "ssim", "grad_cos")
