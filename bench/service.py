@@ -10,6 +10,9 @@ Side by side in one run, on one machine:
   `POST /v1/embed` of a real `minusfed serve` subprocess on loopback (TLS + token on), same
   batch sizes, same torch thread count; the service time is the client's wall time per request
   (float16 .npy encode, TLS, parse and checks, f_p, JSON reply).
+  With --cpu-compile the service and the in-process `Embedder` may run f_p compiled
+  (`minusfed serve --cpu-compile`), and an eager `Embedder` (the default service's f_p) is
+  timed beside them, alternating.
 * verify: p50/p99 latency of `POST /v1/subjects/ID/verify` (one face, two float16 views) with
   --clients concurrent client threads, each sending --requests requests (bounded load).
 * identify: exact search (`federation.service.gallery.top_subjects`) over galleries of random
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--galleries", default="10000,100000,1000000")
     ap.add_argument("--max-served-gallery", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--cpu-compile", action="store_true",
+                    help="f_p compiled where the policy measures a win, alone and in the service")
     ap.add_argument("--json", type=Path, help="also write a bench/results record here")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -132,13 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="minusfed-bench-service-") as tmp:
         tmp = Path(tmp)
         bundle = make_bundle(tmp / "bundle", args.backbone, args.backbone_width)
-        embedder = Embedder(served_model(bundle / "server"))
+        served_here = served_model(bundle / "server")
+        # the eager Embedder is the no-compile service's f_p, timed beside the compiled one
+        eager = embedder = Embedder(served_here)
+        if args.cpu_compile:
+            embedder = Embedder(served_here, compile=True)
+            embedder.warm_up()
         served_n = max([n for n in sizes if n <= args.max_served_gallery], default=0)
         print(f"filling a {served_n:,}-template gallery ...", file=sys.stderr, flush=True)
         fill_gallery(tmp / "gallery.db", served_n, dim)
         svc = Service(tmp, bundle / "server", tmp / "gallery.db",
                       extra=["--threads", str(args.threads), "--max-body-bytes",
-                             str(64 * 2**20)]).wait()
+                             str(64 * 2**20), *(["--cpu-compile"] if args.cpu_compile else [])]
+                      ).wait(timeout=900 if args.cpu_compile else 120)
         try:
             embed_rows, embed_raw = [], []
             rng = np.random.default_rng(0)
@@ -151,23 +162,31 @@ def main(argv: list[str] | None = None) -> int:
                     def alone(xt=xt) -> None:
                         embedder(xt)
 
+                    def alone_eager(xt=xt) -> None:
+                        eager(xt)
+
                     def served(body=body, accept="application/json") -> None:
                         r = h.post("/v1/embed", content=body,
                                    headers={"Content-Type": "application/x-npy", "Accept": accept})
                         assert r.status_code == 200, r.text
 
                     # alternate, so drifting load on the shared machine hits all alike
-                    t_alone, t_json, t_npy = [], [], []
+                    t_alone, t_json, t_npy, t_eager = [], [], [], []
                     for _ in range(args.iters):
+                        if eager is not embedder:
+                            t_eager += timings(alone_eager, 1, 1)
                         t_alone += timings(alone, 1, 1)
                         t_json += timings(served, 1, 1)
                         t_npy += timings(lambda: served(accept="application/x-npy"), 1, 1)
                     a, j, n = (statistics.median(t) for t in (t_alone, t_json, t_npy))
                     plan = precision.inference_plan("embed", embedder.model,
-                                                    min(b, precision.EMBED_PROBE_BATCH)).choice
+                                                    min(b, precision.EMBED_PROBE_BATCH),
+                                                    calls=embedder.calls).choice
+                    e = statistics.median(t_eager) if t_eager else a
                     embed_raw.append({"batch": b, "plan": plan, "alone_ms": 1000 * a,
+                                      "alone_eager_ms": 1000 * e,
                                       "service_json_ms": 1000 * j, "service_npy_ms": 1000 * n})
-                    embed_rows.append([b, plan, f"{b / a:.1f}", _ms(a), _ms(j), _ms(n),
+                    embed_rows.append([b, plan, _ms(e), f"{b / a:.1f}", _ms(a), _ms(j), _ms(n),
                                        f"{100 * (j - a) / a:+.0f} %", f"{100 * (n - a) / a:+.0f} %"])
             # verify under bounded concurrent load
             face = npy_bytes(rng.random((2, 3, 112, 112), dtype=np.float32).astype(np.float16))
@@ -209,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"f_p = {args.backbone} width {args.backbone_width} (fresh weights), torch "
           f"{args.threads} thread(s) in both the bench and the service; service = `minusfed "
           "serve` subprocess, HTTPS + token on loopback, float16 .npy bodies\n")
-    print(markdown_table(["batch (X_p)", "CPU plan", "f_p alone img/s", "f_p ms", "service ms (JSON reply)",
+    print(markdown_table(["batch (X_p)", "CPU plan", "f_p eager ms", "f_p alone img/s", "f_p ms",
+                          "service ms (JSON reply)",
                           "service ms (.npy reply)", "overhead (JSON)", "overhead (.npy)"],
                          embed_rows))
     print(f"\nverify (one face, 2 float16 views), {args.clients} concurrent clients x "

@@ -308,7 +308,7 @@ def run_plan(plan: ProtectPlan, frontend: MinusFaceFrontend, batch_size: int = 3
                     log.debug("skipped %s", e)
             if batch:
                 faces = torch.stack(batch)
-                xp = frontend.protect(faces.to(device))
+                xp = frontend.protect(faces.to(device), expected_faces=len(plan.jobs))
                 arrays = check_outputs(faces, xp.cpu(), [s for s, _ in jobs])
                 for (_src, dst), arr in zip(jobs, arrays):
                     _write_one(plan, arr, dst, report)

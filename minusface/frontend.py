@@ -9,7 +9,7 @@ On a CPU, `protect` runs g as `minusface.precision` measured fastest for this g 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ class MinusFaceFrontend(nn.Module):
     def residue(self, faces: torch.Tensor, plan: Plan = NATIVE) -> torch.Tensor:
         """r = e(X) - g(e(X)) in float32: a bf16 g(x) (under `plan`) is promoted by the subtraction."""
         x = encode(faces)
-        r = x - self.generator(plan.layout(x))
+        r = x - plan.forward(self.generator, x)
         return r.contiguous() if plan.channels_last else r
 
     def forward(self, faces: torch.Tensor, rng: torch.Generator | None = None,
@@ -58,7 +58,7 @@ class MinusFaceFrontend(nn.Module):
     @torch.no_grad()
     def protect(self, faces: torch.Tensor, rng: torch.Generator | None = None,
                 micro_batch: int | None = None, register: bool = True,
-                precision_mode: str | None = None) -> torch.Tensor:
+                precision_mode: str | None = None, expected_faces: int = 0) -> torch.Tensor:
         """Protected images X_p (N, 3, 112, 112) in [0, 1] from faces in [-1, 1].
 
         Each call draws new permutations, so protecting the same face twice gives different X_p.
@@ -69,19 +69,29 @@ class MinusFaceFrontend(nn.Module):
         consumed on the site (stage-2 training, evaluation) and never shipped.  On a CPU, g
         runs under `precision.inference_plan("protect", g, batch)` (`precision_mode` overrides
         the process's mode for this call); its own autocast setting, also inside a caller's.
+        `expected_faces`: how many faces this process will protect in all (a folder, an
+        upload); large enough, the policy may compile g (`minusface.compiled`), which pays only
+        over many calls.
         """
         _check_faces(faces)
         cpu = faces.device.type == "cpu"
         if micro_batch is None:
             micro_batch = 2 if cpu else faces.shape[0]
         step = max(1, min(micro_batch, faces.shape[0]))
-        plan = inference_plan("protect", self.generator, step, precision_mode) if cpu else NATIVE
+        calls = math.ceil(expected_faces / step)
+        plan = (inference_plan("protect", self.generator, step, precision_mode, calls) if cpu
+                else NATIVE)
+        # a compiled g has one graph per input shape: a short last micro-batch runs eager
+        # (the same numbers, bit for bit here) rather than paying a compilation for itself
+        tail = replace(plan, choice="bf16+channels_last") if plan.compiled else plan
         with plan.autocast():
             if faces.shape[0] <= micro_batch:
                 protected = self.forward(faces, rng=rng, plan=plan)
             else:
-                protected = torch.cat([self.forward(faces[s:s + micro_batch], rng=rng, plan=plan)
-                                       for s in range(0, faces.shape[0], micro_batch)])
+                protected = torch.cat([
+                    self.forward(faces[s:s + micro_batch], rng=rng,
+                                 plan=plan if s + micro_batch <= faces.shape[0] else tail)
+                    for s in range(0, faces.shape[0], micro_batch)])
         if register:
             register_protected(protected)  # lets clients.guard.outbound_guard release exactly these
         return protected

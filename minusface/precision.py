@@ -15,8 +15,13 @@ grad: evaluation and the recognition service, `embed_context`).
 
 Candidates: "float32" (NCHW, autocast explicitly off), "bf16" (CPU autocast to bfloat16) and
 "bf16+channels_last" (inference: the input is made channels_last; training: the trained modules
-are).  The DCT maps e and d always run in float32: `minusface.dct` turns autocast off inside
-them and casts bf16 inputs up, and g's bf16 output meets e(X) in float32 (x - g(x) promotes).
+are).  Inference in long-lived work may also get "bf16+compiled" (`minusface.compiled`: inductor
+with frozen weights).  It costs seconds of compilation per process and input shape, so a caller
+says how many forwards it expects (`calls`); it is probed only when that work would take at
+least `COMPILE_WORTH_S` eagerly, and chosen only when the time it saves over those calls exceeds
+the compilation it measured.  The DCT maps e and d always run in float32: `minusface.dct` turns
+autocast off inside them and casts bf16 inputs up, and g's bf16 output meets e(X) in float32
+(x - g(x) promotes).
 
 Mode, first that is set: the `mode` argument, $MINUSFED_CPU_PRECISION (the site's operator
 knows the machine), the process default from `configure()` (run config ``cpu-precision``),
@@ -33,13 +38,14 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -47,11 +53,14 @@ import torch
 from torch import nn
 
 from .atomic import write_atomic
+from .compiled import compile_available, compiled_for
 
 ENV = "MINUSFED_CPU_PRECISION"
 MODES = ("auto", "float32", "bf16")
 TASKS = ("protect", "stage1", "stage2", "baseline", "embed")
 CANDIDATES = ("float32", "bf16", "bf16+channels_last")
+COMPILED = "bf16+compiled"                 # inference only, and only for long-lived work
+COMPILE_WORTH_S = 30.0                      # eager work below this never pays for a compilation
 # Training never runs channels_last on the CPU: with torch 2.13 on an AMD EPYC with AVX512-BF16,
 # the backward of channels_last modules aborted the process with heap corruption ("double free
 # or corruption", segfaults) in 2 of 3 runs of a tiny stage-1 step, in bf16 and in float32,
@@ -129,8 +138,12 @@ class Plan:
         return self.choice.startswith("bf16")
 
     @property
+    def compiled(self) -> bool:
+        return self.choice == COMPILED
+
+    @property
     def channels_last(self) -> bool:
-        return self.choice.endswith("channels_last")
+        return self.choice.endswith("channels_last") or self.compiled
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast, or autocast explicitly off (also inside an outer bf16 region)."""
@@ -140,6 +153,13 @@ class Plan:
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Inference: `model(x)` in this plan's layout, through its compiled forward if planned
+        (call inside `autocast()`)."""
+        if self.compiled:
+            return compiled_for(model)(x)
+        return model(self.layout(x))
 
     def prepare(self, *modules: nn.Module) -> None:
         """Training: put the modules in channels_last when the plan says so (idempotent)."""
@@ -183,8 +203,9 @@ def forced(choice: str) -> Iterator[None]:
     """Benchmarks: every plan in this block is `choice` (a CANDIDATES name), whatever the
     argument, environment or run config say."""
     global _forced
-    if choice not in CANDIDATES:
-        raise ValueError(f"forced: expected one of {', '.join(CANDIDATES)}, got {choice!r}")
+    if choice not in (*CANDIDATES, COMPILED):
+        raise ValueError(f"forced: expected one of {', '.join((*CANDIDATES, COMPILED))}, "
+                         f"got {choice!r}")
     before, _forced = _forced, choice
     try:
         yield
@@ -196,7 +217,7 @@ def current_mode(mode: str | None = None) -> tuple[str, str]:
     """(mode, where it came from); a mode may also be a CANDIDATES name (benchmarks)."""
     if _forced is not None:
         return _forced, "benchmark"
-    if mode in CANDIDATES:
+    if mode in (*CANDIDATES, COMPILED):
         return str(mode), "argument"
     if mode:
         return check_mode(mode, "cpu precision mode"), "argument"
@@ -287,18 +308,21 @@ def pick(ms: Mapping[str, float], margin: float = MARGIN) -> str:
 
 def plan_for(task: str, device: torch.device | str, signature: Callable[[], str], batch: int,
              probe: Callable[[int], Mapping[str, Callable[[], object]]],
-             mode: str | None = None) -> Plan:
+             mode: str | None = None, calls: float = 0,
+             compiled_probe: Callable[[int], Callable[[], object]] | None = None) -> Plan:
     """The plan of `task` for this model (`signature()`) and batch; `probe(batch)` builds one
-    callable per candidate (only on a cache miss), each running one iteration under it."""
+    callable per candidate (only on a cache miss), each running one iteration under it.
+    `compiled_probe(batch)` (inference) builds the compiled forward's callable; it is tried
+    when the caller expects `calls` forwards worth `COMPILE_WORTH_S` (see `_with_compiled`)."""
     if torch.device(device).type != "cpu":
         return NATIVE
     if task not in TASKS:
         raise ValueError(f"cpu precision: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     chosen, source = current_mode(mode)
     training = task in TRAINING_TASKS
-    if chosen == "bf16" or (training and chosen == "bf16+channels_last"):
+    if chosen == "bf16" or (training and chosen in ("bf16+channels_last", COMPILED)):
         chosen = "bf16" if training else "bf16+channels_last"
-    if chosen in CANDIDATES:
+    if chosen in (*CANDIDATES, COMPILED):
         return _remember(f"{task}|{chosen}|{source}", Plan(task, chosen, f"forced by {source}"),
                          quiet=source == "benchmark")
     cpu = cpu_features()
@@ -306,9 +330,11 @@ def plan_for(task: str, device: torch.device | str, signature: Callable[[], str]
         return _remember(f"{task}|nobf16", Plan(task, "float32", f"{cpu.model} has neither "
                                                  "AMX-BF16 nor AVX512-BF16"))
     key = cache_key(task, signature(), batch)
+    eligible = compiled_probe is not None and calls > 0 and not training
+    memo = f"{key}|calls {calls:g}" if eligible else key
     with _lock:
-        if key in _plans:
-            return _plans[key]
+        if memo in _plans:
+            return _plans[memo]
         path = cache_path()
         entry = _read_cache(path).get(key)
         allowed = {p.choice for p in _candidates(training)}
@@ -317,9 +343,66 @@ def plan_for(task: str, device: torch.device | str, signature: Callable[[], str]
                         f"{entry.get('probe_batch', '?')}", dict(entry.get("ms", {})))
         else:
             plan = _probe(task, batch, probe)
-            _write_cache(path, key, {"choice": plan.choice, "ms": dict(plan.ms),
-                                     "probe_batch": batch, "date": time.strftime("%Y-%m-%d")})
-        return _remember(key, plan, locked=True)
+            entry = {"choice": plan.choice, "ms": dict(plan.ms), "probe_batch": batch,
+                     "date": time.strftime("%Y-%m-%d")}
+            _write_cache(path, key, entry)
+        if eligible and compiled_probe is not None:
+            plan = _with_compiled(plan, entry, key, path, batch, calls, probe, compiled_probe)
+        return _remember(memo, plan, locked=True)
+
+
+def _with_compiled(plan: Plan, entry: dict, key: str, path: Path | None, batch: int,
+                   calls: float, probe: Callable[[int], Mapping[str, Callable[[], object]]],
+                   compiled_probe: Callable[[int], Callable[[], object]]) -> Plan:
+    """`plan`, or the compiled forward when it pays: it must beat `plan` by `MARGIN` per call,
+    and the time it saves over `calls` forwards must exceed its measured compilation.  Probed
+    (compile included) only when the work would take `COMPILE_WORTH_S` eagerly; the result,
+    a failure included, is cached with the eager entry."""
+    eager_ms = plan.ms.get(plan.choice)
+    usable, why_not = compile_available()
+    if not usable:
+        return replace(plan, reason=f"{plan.reason}; not compiled: {why_not}")
+    if eager_ms is None or calls * eager_ms / 1000 < COMPILE_WORTH_S:
+        return replace(plan, reason=f"{plan.reason}; not compiled: {calls:g} calls, under "
+                                    f"{COMPILE_WORTH_S:g} s of work")
+    measured = entry.get("compiled")
+    if not isinstance(measured, dict):
+        measured = _probe_compiled(plan.choice, batch, probe, compiled_probe)
+        entry = {**entry, "compiled": measured}
+        _write_cache(path, key, entry)
+    if measured.get("failed"):
+        return replace(plan, reason=f"{plan.reason}; compile failed: {measured['failed']}")
+    c_ms, e_ms, c_s = (float(measured[k]) for k in ("ms", "eager_ms", "compile_s"))
+    ms = {**plan.ms, COMPILED: round(c_ms, 2)}
+    faster = c_ms < (1 - MARGIN) * e_ms
+    detail = f"compiled {c_ms:.1f} vs {plan.choice} {e_ms:.1f} ms, compile {c_s:.0f} s"
+    if math.isinf(calls):                   # a service: any per-call win pays in the end
+        pays, detail = faster, f"{detail}, long-lived"
+    else:
+        saved = calls * (e_ms - c_ms) / 1000
+        pays, detail = faster and saved > c_s, f"{detail}, {calls:g} calls save {saved:.0f} s"
+    if pays:
+        return Plan(plan.task, COMPILED, f"{plan.reason}; {detail}", ms)
+    return Plan(plan.task, plan.choice, f"{plan.reason}; not compiled: {detail}", ms)
+
+
+def _probe_compiled(choice: str, batch: int,
+                    probe: Callable[[int], Mapping[str, Callable[[], object]]],
+                    compiled_probe: Callable[[int], Callable[[], object]]) -> dict:
+    """Compile (timed: the first call) and time the compiled forward alternating with the eager
+    `choice`; {"failed": why} when compilation failed (the call returns the reason)."""
+    run = compiled_probe(batch)
+    with torch.random.fork_rng(devices=[]):
+        t = time.perf_counter()
+        failure = run()
+        compile_s = time.perf_counter() - t
+        if isinstance(failure, str):
+            return {"failed": failure, "date": time.strftime("%Y-%m-%d")}
+        eager = probe(batch)[choice]
+        ms = time_alternating({choice: eager, COMPILED: run}, PROBE_ITERS, PROBE_WARMUP)
+    return {"ms": round(ms[COMPILED], 2), "eager_ms": round(ms[choice], 2),
+            "compile_s": round(compile_s, 1), "probe_batch": batch,
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def _probe(task: str, batch: int, probe: Callable[[int], Mapping[str, Callable[[], object]]]) -> Plan:
@@ -378,8 +461,11 @@ def in_channels(model: nn.Module) -> int:
     raise ValueError(f"{type(model).__name__}: no Conv2d to take the input channels from")
 
 
-def inference_plan(task: str, model: nn.Module, batch: int, mode: str | None = None) -> Plan:
-    """Plan for a no-grad forward of `model` (g for "protect", f / f_p for "embed") at `batch`."""
+def inference_plan(task: str, model: nn.Module, batch: int, mode: str | None = None,
+                   calls: float = 0) -> Plan:
+    """Plan for a no-grad forward of `model` (g for "protect", f / f_p for "embed") at `batch`;
+    `calls` = how many such forwards the caller's process expects (0: a short job, never
+    compiled; `math.inf`: a service)."""
     device = next(model.parameters()).device
 
     def probe(b: int) -> dict[str, Callable[[], object]]:
@@ -388,10 +474,20 @@ def inference_plan(task: str, model: nn.Module, batch: int, mode: str | None = N
         def run(p: Plan) -> Callable[[], object]:
             def once() -> None:
                 with torch.no_grad(), p.autocast():
-                    model(p.layout(x))
+                    p.forward(model, x)
             return once
         return {p.choice: run(p) for p in _candidates()}
-    return plan_for(task, device, lambda: model_signature(model), batch, _eval_mode(model, probe), mode)
+
+    def compiled_probe(b: int) -> Callable[[], object]:
+        x, p, fc = _faces(b, in_channels(model)), Plan("probe", COMPILED), compiled_for(model)
+
+        def once() -> str | None:
+            with torch.no_grad(), p.autocast():
+                fc(x)
+            return fc.failed
+        return _eval_mode(model, lambda _b: {COMPILED: once})(b)[COMPILED]
+    return plan_for(task, device, lambda: model_signature(model), batch, _eval_mode(model, probe),
+                    mode, calls=calls, compiled_probe=compiled_probe)
 
 
 def _eval_mode(model: nn.Module, probe: Callable[[int], dict]) -> Callable[[int], dict]:
@@ -400,11 +496,11 @@ def _eval_mode(model: nn.Module, probe: Callable[[int], dict]) -> Callable[[int]
         runs = probe(b)
 
         def in_eval(fn: Callable[[], object]) -> Callable[[], object]:
-            def once() -> None:
+            def once() -> object:
                 was = model.training
                 model.eval()
                 try:
-                    fn()
+                    return fn()
                 finally:
                     model.train(was)
             return once
@@ -413,28 +509,30 @@ def _eval_mode(model: nn.Module, probe: Callable[[int], dict]) -> Callable[[int]
 
 
 class _LaidOut(nn.Module):
-    """`model` with its input put in the plan's memory layout (a module, so callers that set
-    eval mode or read parameters through it reach `model`)."""
+    """`model` run the plan's way: input in its memory layout, through the compiled forward if
+    planned (a module, so callers that set eval mode or read parameters through it reach
+    `model`)."""
 
     def __init__(self, model: nn.Module, plan: Plan) -> None:
         super().__init__()
         self.model, self.plan = model, plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.plan.layout(x))
+        return self.plan.forward(self.model, x)
 
 
 EMBED_PROBE_BATCH = 32
 
 
-def embed_context(model: nn.Module, batch: int, mode: str | None = None
+def embed_context(model: nn.Module, batch: int, mode: str | None = None, calls: float = 0
                   ) -> tuple[contextlib.AbstractContextManager, nn.Module]:
     """(context, model_fn) for embedding with `model` (f or f_p) on this CPU: call
     `model_fn(x)` inside `context`.  For evaluation and the recognition service; the plan is
-    probed at min(batch, EMBED_PROBE_BATCH) and logged once per process."""
+    probed at min(batch, EMBED_PROBE_BATCH) and logged once per process; `calls` as in
+    `inference_plan` (a compiled plan compiles once per input shape)."""
     if next(model.parameters()).device.type != "cpu":
         return contextlib.nullcontext(), model
-    plan = inference_plan("embed", model, max(1, min(batch, EMBED_PROBE_BATCH)), mode)
+    plan = inference_plan("embed", model, max(1, min(batch, EMBED_PROBE_BATCH)), mode, calls)
     return plan.autocast(), (_LaidOut(model, plan) if plan.channels_last else model)
 
 
@@ -470,6 +568,6 @@ def training_plan(task: str, step: Step,
     return plan_for(task, device, lambda: model_signature(*keyed), probe_batch, probe, mode)
 
 
-__all__ = ["CANDIDATES", "ENV", "MODES", "NATIVE", "TASKS", "CpuFeatures", "Plan", "cache_path",
+__all__ = ["CANDIDATES", "COMPILED", "ENV", "MODES", "NATIVE", "TASKS", "CpuFeatures", "Plan", "cache_path",
            "configure", "cpu_features", "forced", "current_mode", "embed_context", "forget",
            "inference_plan", "pick", "plan_for", "time_alternating", "training_plan"]

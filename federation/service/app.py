@@ -55,6 +55,7 @@ class ServiceSettings:
     far: str = "1e-3"                        # the operator's operating point for decisions
     max_body_bytes: int = DEFAULT_MAX_BODY
     max_embed_faces: int = MAX_EMBED_FACES
+    cpu_compile: bool = False                # inductor-compiled f_p where it wins (warm-up first)
 
     def __post_init__(self) -> None:
         if self.far not in FAR_KEYS:
@@ -78,7 +79,9 @@ def create_app(served: ServedModel, gallery: Gallery, tokens: TokenCheck | None,
     """The ASGI app; `tokens` None serves without authentication (development only)."""
     settings = settings or ServiceSettings()
     bundle = served.bundle
-    embedder = Embedder(served)
+    embedder = Embedder(served, compile=settings.cpu_compile)
+    if settings.cpu_compile:
+        torch_thread.call(embedder.warm_up)
     threshold = served.threshold(settings.far)
     app = FastAPI(title="minusfed recognition service", docs_url=None, redoc_url=None,
                   openapi_url=None)

@@ -66,24 +66,50 @@ class Embedder:
     """f_p on X_p views: embedding = normalise(sum over views of f_p(view)), float32 out.
 
     Float models run under the CPU precision policy (minusface.precision.embed_context), its
-    plan measured once per batch bucket; the int8 model runs as built."""
+    plan measured once per batch bucket; the int8 model runs as built.  With `compile` (a
+    long-lived service, `minusfed serve --cpu-compile`) the policy may also pick f_p compiled
+    by inductor; the images then go through f_p in bucket-sized pieces (13 = 8 + 4 + 1), so at
+    most one graph per bucket is ever compiled, and `warm_up()` compiles them all up front."""
 
-    def __init__(self, served: ServedModel) -> None:
+    def __init__(self, served: ServedModel, compile: bool = False) -> None:
         self.served = served
         self.model = served.model.eval()
+        self.calls = math.inf if compile and served.precision == "float" else 0
 
     def _context(self, batch: int) -> tuple[contextlib.AbstractContextManager, nn.Module]:
         """A fresh context per call (requests run on several threads); the plan is memoised."""
         if self.served.precision == "int8":
             return contextlib.nullcontext(), self.model
         bucket = next((b for b in PLAN_BUCKETS if b >= batch), PLAN_BUCKETS[-1])
-        return embed_context(self.model, bucket)
+        return embed_context(self.model, bucket, calls=self.calls)
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        context, model_fn = self._context(len(images))
+        with context:
+            return model_fn(images).float()
 
     @torch.inference_mode()
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
         """(N, V, 3, 112, 112) -> (N, D)."""
         n, v = views.shape[:2]
-        context, model_fn = self._context(n * v)
-        with context:
-            out = model_fn(views.reshape(n * v, *views.shape[2:])).float()
+        images = views.reshape(n * v, *views.shape[2:])
+        if self.calls:
+            out = torch.cat([self._forward(images[s:s + k]) for s, k in bucket_pieces(n * v)])
+        else:
+            out = self._forward(images)
         return F.normalize(out.view(n, v, -1).sum(dim=1), dim=1)
+
+    def warm_up(self) -> None:
+        """Probe the plan of every bucket and compile where it was chosen, before serving."""
+        for b in PLAN_BUCKETS:
+            self(torch.zeros(b, 1, 3, 112, 112))
+
+
+def bucket_pieces(n: int) -> list[tuple[int, int]]:
+    """(start, size) pieces of `n` images, each size a PLAN_BUCKETS entry, largest first."""
+    pieces, start = [], 0
+    while start < n:
+        size = max(b for b in PLAN_BUCKETS if b <= n - start)
+        pieces.append((start, size))
+        start += size
+    return pieces

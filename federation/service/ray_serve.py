@@ -46,7 +46,8 @@ def app_builder(settings: dict) -> Callable[[], object]:
                                     served.tag)
         return create_app(served, gallery, tokens,
                           ServiceSettings(far=settings["far"],
-                                          max_body_bytes=settings["max_body_bytes"]))
+                                          max_body_bytes=settings["max_body_bytes"],
+                                          cpu_compile=settings["cpu_compile"]))
 
     return build_app
 
@@ -63,7 +64,7 @@ def run_ray_serve(args: argparse.Namespace, banner: Callable[[], None]) -> int:
     settings = {"bundle": os.path.abspath(args.bundle), "gallery": os.path.abspath(args.gallery),
                 "tokens": os.path.abspath(args.tokens) if args.tokens else None,
                 "far": args.far, "max_body_bytes": args.max_body_bytes, "threads": args.threads,
-                "precision": "int8" if args.int8 else "float"}
+                "precision": "int8" if args.int8 else "float", "cpu_compile": args.cpu_compile}
     quiet = LoggingConfig(enable_access_log=False, log_level="WARNING")
     # "local": a fresh instance, never a cluster some other program left running on this host
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"

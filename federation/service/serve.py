@@ -47,7 +47,8 @@ def build(args: argparse.Namespace):
         print(f"{BANNER}\nWARNING: --insecure: no TLS and{' no' if tokens is None else ''} API "
               f"tokens. Development on loopback only.\n{BANNER}", file=sys.stderr)
     gallery = torch_thread.call(Gallery, args.gallery, bundle.embedding_size, served.tag)
-    settings = ServiceSettings(far=args.far, max_body_bytes=args.max_body_bytes)
+    settings = ServiceSettings(far=args.far, max_body_bytes=args.max_body_bytes,
+                               cpu_compile=args.cpu_compile)
     app = create_app(served, gallery, tokens, settings)
     kwargs = {"host": args.host, "port": args.port, "access_log": False, "log_level": "warning"}
     if not args.insecure:
@@ -129,6 +130,11 @@ def add_parsers(sub) -> None:
                    help="serve the int8 f_p measured by `minusfed bundle int8` (refused when it "
                         "lost more than 0.2 accuracy points on the held-out pairs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--cpu-compile", action="store_true",
+                   help="on a CPU with bf16 units, let the precision policy compile f_p with "
+                        "inductor where it measures a win (needs a C++ compiler; start-up "
+                        "probes and compiles every batch bucket first, about a minute the first "
+                        "time); off: eager f_p")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, tokens optional: development on loopback only")
     p.add_argument("--replicas", type=_replicas, default=0, metavar="N",
