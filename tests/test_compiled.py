@@ -121,15 +121,23 @@ def test_the_policy_compiles_only_when_the_work_pays_for_it(monkeypatch) -> None
     short = _plan(monkeypatch, 10, None, "a")
     assert short.choice == "bf16+channels_last" and "not compiled" in short.reason
     fast = {"ms": 6.0, "eager_ms": 10.0, "compile_s": 12.0}
-    # 10,000 calls save 40 s > 12 s of compilation
-    assert _plan(monkeypatch, 10_000, fast, "b").choice == precision.COMPILED
-    # 3,500 calls x 10 ms = 35 s of work, but they save 14 s < 20 s of compilation
-    slow_compile = {**fast, "compile_s": 20.0}
-    plan = _plan(monkeypatch, 3_500, slow_compile, "c")
+    # 5,000 calls x 10 ms = 50 s of work: under COMPILE_WORTH_S, so not even probed
+    assert precision.COMPILE_WORTH_S > 50
+    assert _plan(monkeypatch, 5_000, None, "a2").choice == "bf16+channels_last"
+    # 20,000 calls (200 s of work) save 80 s > 12 s of compilation
+    assert _plan(monkeypatch, 20_000, fast, "b").choice == precision.COMPILED
+    # 15,000 calls (150 s of work) save 60 s < 100 s of compilation
+    slow_compile = {**fast, "compile_s": 100.0}
+    plan = _plan(monkeypatch, 15_000, slow_compile, "c")
     assert plan.choice == "bf16+channels_last" and "not compiled" in plan.reason
+    assert "save 60 s" in plan.reason
     # a service (unbounded calls) takes it, unless it is not faster by the margin
     assert _plan(monkeypatch, math.inf, fast, "d").choice == precision.COMPILED
     assert _plan(monkeypatch, math.inf, {**fast, "ms": 9.8}, "e").choice == "bf16+channels_last"
+    # a slow spell during the paired timing (eager 14 ms there, 10 ms in its own probe) must
+    # not make a 9.8 ms compiled forward look like a win
+    noisy = {"ms": 9.8, "eager_ms": 14.0, "compile_s": 1.0}
+    assert _plan(monkeypatch, math.inf, noisy, "g").choice == "bf16+channels_last"
     failed = _plan(monkeypatch, math.inf, {"failed": "RuntimeError: x"}, "f")
     assert failed.choice == "bf16+channels_last" and "compile failed" in failed.reason
 
