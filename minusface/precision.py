@@ -357,9 +357,8 @@ def _with_compiled(plan: Plan, entry: dict, key: str, path: Path | None, batch: 
                    compiled_probe: Callable[[int], Callable[[], object]]) -> Plan:
     """`plan`, or the compiled forward when it pays: it must beat `plan` (the faster of its two
     measurements) by `MARGIN` per call, and the time it saves over `calls` forwards must exceed
-    its measured compilation.  Probed
-    (compile included) only when the work would take `COMPILE_WORTH_S` eagerly; the result,
-    a failure included, is cached with the eager entry."""
+    its measured compilation.  Probed (compilation included) only when the work would take
+    `COMPILE_WORTH_S` eagerly; the result, a failure included, is cached with the eager entry."""
     eager_ms = plan.ms.get(plan.choice)
     usable, why_not = compile_available()
     if not usable:
