@@ -78,11 +78,12 @@ class MinusFaceFrontend(nn.Module):
         if micro_batch is None:
             micro_batch = 2 if cpu else faces.shape[0]
         step = max(1, min(micro_batch, faces.shape[0]))
-        calls = math.ceil(expected_faces / step)
+        # a compiled g has one graph per input shape, so only full micro-batches may use it: a
+        # call smaller than one (a job's last faces) and a short last micro-batch run eager
+        # rather than paying a compilation for themselves
+        calls = math.ceil(expected_faces / step) if faces.shape[0] >= micro_batch else 0
         plan = (inference_plan("protect", self.generator, step, precision_mode, calls) if cpu
                 else NATIVE)
-        # a compiled g has one graph per input shape: a short last micro-batch runs eager
-        # (the same numbers, bit for bit here) rather than paying a compilation for itself
         tail = replace(plan, choice="bf16+channels_last") if plan.compiled else plan
         with plan.autocast():
             if faces.shape[0] <= micro_batch:

@@ -165,14 +165,16 @@ def test_training_is_never_compiled(monkeypatch) -> None:
 def test_protect_through_the_compiled_g_gives_the_eager_x_p() -> None:
     torch.manual_seed(0)
     fe = MinusFaceFrontend(generator=UNetGenerator(width=4)).eval()
-    faces = torch.rand(2, 3, 112, 112) * 2 - 1
+    faces = torch.rand(3, 3, 112, 112) * 2 - 1       # micro-batches of 2 and a short 1
     with precision.forced(precision.COMPILED):
         xp_c = fe.protect(faces, rng=torch.Generator().manual_seed(3), register=False)
     with precision.forced("bf16+channels_last"):
         xp_e = fe.protect(faces, rng=torch.Generator().manual_seed(3), register=False)
-    assert compiled.compiled_for(fe.generator).compiles == 1
-    assert compiled.compiled_for(fe.generator).failed is None
-    assert xp_c.dtype == torch.float32 and xp_c.shape == (2, 3, 112, 112)
+    fc = compiled.compiled_for(fe.generator)
+    assert fc.compiles == 1 and fc.failed is None
+    # one graph, for the full micro-batch; the short last one ran eager
+    assert set(fc.first_call_s) == {(2, 192, 112, 112)}
+    assert xp_c.dtype == torch.float32 and xp_c.shape == (3, 3, 112, 112)
     assert float((xp_c - xp_e).abs().max()) < 1e-3
 
 
@@ -225,3 +227,17 @@ def test_serve_cpu_compile_answers_with_the_eager_embeddings(tmp_path, monkeypat
             "neither AMX-BF16 nor AVX512-BF16" in log, log
     finally:
         svc.stop()
+
+
+def test_a_jobs_short_last_call_never_probes_a_compilation(monkeypatch) -> None:
+    """`minusfed protect` hands its folder's last odd face to protect() alone: that call's
+    batch-1 shape must not start a compile probe, however long the job."""
+    with_bf16_units(monkeypatch)
+    monkeypatch.setattr(precision, "compile_available", lambda: (True, ""))
+
+    def refuse(*_a, **_k):
+        raise AssertionError("compiled probe for a call smaller than one micro-batch")
+    monkeypatch.setattr(precision, "_probe_compiled", refuse)
+    fe = MinusFaceFrontend(generator=UNetGenerator(width=4)).eval()
+    xp = fe.protect(torch.rand(1, 3, 112, 112) * 2 - 1, register=False, expected_faces=10**9)
+    assert xp.shape == (1, 3, 112, 112)
